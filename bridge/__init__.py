@@ -1,0 +1,3 @@
+"""voxbridge: Asterisk AudioSocket <-> realtime AI voice gateway bridge."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""``voxbridge`` command line.
+
+    voxbridge serve [--config FILE] [--audiosocket-listen HOST:PORT] [--api-listen HOST:PORT] [--gateway-url URL]
+    voxbridge dial [--to HOST:PORT] [--wav FILE | --tone HZ] [--dtmf 1@2.5] [--record OUT.wav] …
+    voxbridge gateway-sim [--listen HOST:PORT] [--api-key KEY] [--scenario FILE]
+    voxbridge check-config FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from . import __version__
+from .config import ConfigError, load_config, parse_hostport
+
+
+class _CallFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = getattr(record, "call", None)
+        record.callctx = f" [{call}]" if call else ""
+        return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_CallFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s%(callctx)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("websockets", "uvicorn.access", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _serve_config(args: argparse.Namespace):
+    cfg = load_config(args.config)
+    if args.audiosocket_listen:
+        parse_hostport(args.audiosocket_listen, "--audiosocket-listen")
+        cfg.audiosocket.listen = args.audiosocket_listen
+    if args.api_listen:
+        parse_hostport(args.api_listen, "--api-listen")
+        cfg.api.listen = args.api_listen
+    if args.gateway_url:
+        cfg.gateway.url = args.gateway_url
+    if cfg.gateway.url and not cfg.gateway.api_key:
+        raise ConfigError("gateway.url is set but no API key: set VOXBRIDGE_GATEWAY_API_KEY (or gateway.api_key)")
+    return cfg
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .app import Bridge
+
+    cfg = _serve_config(args)
+    setup_logging(args.log_level or cfg.log_level)
+    bridge = Bridge(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await bridge.start()
+    host, port = bridge.audiosocket_address
+    print(f"voxbridge {__version__} ready: AudioSocket on {host}:{port}"
+          + (f", gateway {bridge.gateway_url} (embedded demo)" if cfg.gateway.url is None else ""), flush=True)
+    if cfg.gateway.url is None:
+        print(f"place a test call:  voxbridge dial --to {host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        logging.getLogger("voxbridge").info("stopping (signal received)")
+        await bridge.stop()
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .app import Bridge
+
+    try:
+        cfg = load_config(args.file)
+        Bridge(cfg)  # registry-level checks: tools exist, DTMF targets exist
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(cfg.profiles)} profile(s): {', '.join(cfg.profiles)}; "
+          f"gateway {'embedded demo' if cfg.gateway.url is None else cfg.gateway.url})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voxbridge", description="Asterisk AudioSocket ⇄ AI voice gateway bridge")
+    p.add_argument("--version", action="version", version=f"voxbridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the bridge")
+    s.add_argument("--config", "-c", help="YAML config file (optional: defaults work without one)")
+    s.add_argument("--audiosocket-listen", metavar="HOST:PORT", help="default 127.0.0.1:9000")
+    s.add_argument("--api-listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    s.add_argument("--gateway-url", metavar="URL", help="ws(s)://…/ws; unset = embedded reference gateway")
+    s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    c = sub.add_parser("check-config", help="validate a config file and exit")
+    c.add_argument("file")
+
+    from . import dial
+    d = sub.add_parser("dial", help="place a test call over AudioSocket, like Asterisk would")
+    dial.add_arguments(d)
+
+    from .gateway import sim
+    g = sub.add_parser("gateway-sim", help="run the reference AI gateway (protocol simulator)")
+    sim.add_arguments(g)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "serve":
+            return _run(_serve(args))
+        if args.command == "dial":
+            from .dial import run_dial
+            return _run(run_dial(args))
+        if args.command == "gateway-sim":
+            from .gateway.sim import run_gateway_sim
+            setup_logging("INFO")
+            host, port = parse_hostport(args.listen, "--listen")
+            return _run(run_gateway_sim(host, port, api_keys=set(args.api_key) if args.api_key else None,
+                                        scenario_path=args.scenario, settle_ms=args.settle_ms)) or 0
+    except ConfigError as exc:
+        print(f"voxbridge: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"voxbridge: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(coro) -> int:
+    if os.environ.get("VOXBRIDGE_NO_UVLOOP") is None:
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None
+        if uvloop is not None:
+            return uvloop.run(coro) or 0
+    try:
+        return asyncio.run(coro) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

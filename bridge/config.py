@@ -1,0 +1,387 @@
+"""Configuration: one YAML file plus ``VOXBRIDGE_*`` environment variables, validated by pydantic.
+
+Every field has a default, so ``voxbridge serve`` runs with no file at all (one ``default``
+profile, the embedded reference gateway). Validation errors name the key and the problem::
+
+    profiles.sales.sample_rate: Input should be 8000, 16000 or 24000 (got 44100)
+
+Environment overrides
+---------------------
+``VOXBRIDGE_<SECTION>__<KEY>[__<KEY>…]`` sets any nested key (``VOXBRIDGE_AMI__PORT=5039``).
+The common secrets and endpoints also have short names:
+
+===============================  ===========================
+``VOXBRIDGE_GATEWAY_API_KEY``     ``gateway.api_key``
+``VOXBRIDGE_GATEWAY_URL``         ``gateway.url``
+``VOXBRIDGE_AMI_SECRET``          ``ami.secret``
+``VOXBRIDGE_API_TOKEN``           ``api.token``
+===============================  ===========================
+
+Secrets are :class:`pydantic.SecretStr`: they print as ``**********`` and are never logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .audiosocket import DTMF_DIGITS
+
+PROVIDERS = ("aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen")
+Provider = Literal["aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen"]
+GATEWAY_RATES = (8000, 16000, 24000)
+#: The gateway gives a tool 15 s to answer; we answer a little earlier so the result is on
+#: the wire (and through any proxy) before the gateway's own timer fires.
+TOOL_DEADLINE_MAX = 15.0
+DEFAULT_TOOL_DEADLINE = 14.0
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid. ``str()`` lists every problem, one per line, by key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def _parse_hostport(value: str, *, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9000), got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(value: str, what: str) -> str:
+    _parse_hostport(value, what=what)
+    return value
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+class DtmfAction(_Model):
+    """What a caller's key press does: run a tool with fixed arguments."""
+
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Fallback(_Model):
+    """What the caller gets when the gateway fails, refuses or drops the call.
+
+    ``action``:
+      * ``dialplan`` — end the AudioSocket session so Asterisk continues at the next priority
+        (the shipped dialplan then routes to a human); the channel variable ``VOXBRIDGE_RESULT``
+        is set to ``fallback`` first when AMI is available.
+      * ``hangup`` — hang the channel up (over AMI; without AMI, same as ``dialplan``).
+      * ``transfer`` — AMI Redirect to ``context``/``exten`` (must be allowlisted).
+    ``message_wav`` — a mono 16-bit WAV played to the caller first, so there is never dead air.
+    """
+
+    action: Literal["dialplan", "hangup", "transfer"] = "dialplan"
+    context: str | None = None
+    exten: str | None = None
+    message_wav: Path | None = None
+
+    @model_validator(mode="after")
+    def _transfer_needs_target(self) -> Fallback:
+        if self.action == "transfer" and not (self.context and self.exten):
+            raise ValueError("fallback action 'transfer' needs both 'context' and 'exten'")
+        return self
+
+
+class Profile(_Model):
+    """An agent: who the AI is on this call and what it may do."""
+
+    provider: Provider = "aillomvox"
+    voice: str | None = None
+    language: str | None = "en-US"
+    prompt: str = "You are a friendly, concise phone assistant. Keep answers short."
+    first_message: str | None = "Hello! How can I help you?"
+    farewell_message: str | None = "Thank you for calling. Goodbye!"
+    sample_rate: Literal[8000, 16000, 24000] = 8000
+    max_duration: int = Field(300, ge=60, le=3600)
+    tools: list[str] = Field(default_factory=lambda: ["end_call"])
+    dtmf: dict[str, DtmfAction] = Field(default_factory=dict)
+    variables: dict[str, str] = Field(default_factory=dict, description="defaults for prompt {placeholders}")
+    fallback: Fallback = Field(default_factory=Fallback)
+
+    @field_validator("dtmf")
+    @classmethod
+    def _digits(cls, v: dict[str, DtmfAction]) -> dict[str, DtmfAction]:
+        for digit in v:
+            if len(digit) != 1 or ord(digit) not in DTMF_DIGITS:
+                raise ValueError(f"DTMF key {digit!r} is not one of 0-9 * # A-D")
+        return v
+
+    def render_prompt(self, variables: Mapping[str, str]) -> tuple[str, list[str]]:
+        """Fill ``{placeholders}`` from ``variables`` (profile defaults underneath).
+
+        Only ``{identifier}`` is a placeholder, so JSON or other braces in a prompt are left
+        alone. Returns the prompt and the placeholders that had no value (left as written).
+        """
+        values = {**self.variables, **variables}
+        missing: list[str] = []
+
+        def sub(m: re.Match[str]) -> str:
+            key = m.group(1)
+            if key in values:
+                return str(values[key])
+            missing.append(key)
+            return m.group(0)
+
+        return _PLACEHOLDER.sub(sub, self.prompt), missing
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class GatewayConfig(_Model):
+    protocol: Literal["aillomvox"] = "aillomvox"
+    url: str | None = Field(
+        None, description="wss://…/ws of the gateway; unset = the embedded reference gateway (demo)"
+    )
+    api_key: SecretStr | None = None
+    api_key_in_query: bool = Field(False, description="also send ?apiKey= on the URL (the field is always sent)")
+    connect_timeout: float = Field(5.0, gt=0, le=60)
+    settle_ms: int = Field(500, ge=0, le=5000, description="hold caller audio this long after config")
+    settle_buffer_ms: int = Field(2000, ge=0, le=10000, description="most caller audio held while settling")
+
+    @field_validator("url")
+    @classmethod
+    def _ws_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^wss?://[^/\s]+", v):
+            raise ValueError(f"must be a ws:// or wss:// URL, got {v!r}")
+        return v
+
+
+class AudioSocketConfig(_Model):
+    listen: str = "127.0.0.1:9000"
+    max_calls: int = Field(200, ge=1, description="calls over this are refused at once (dialplan continues)")
+    uuid_timeout: float = Field(5.0, gt=0, description="close a connection that sends no UUID this long")
+    unknown_uuid: Literal["accept", "refuse"] = Field(
+        "accept", description="sockets whose UUID no AMI channel claims: accept (with a warning) or refuse"
+    )
+    playout_max_seconds: float = Field(120.0, gt=1, description="most AI audio queued for one caller")
+    reuse_port: bool = False
+
+    _v = field_validator("listen")(lambda v: _listen(v, "audiosocket.listen"))
+
+
+class AmiConfig(_Model):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(5038, ge=1, le=65535)
+    username: str = "voxbridge"
+    secret: SecretStr | None = None
+    action_timeout: float = Field(5.0, gt=0, le=60)
+    ping_interval: float = Field(10.0, gt=0)
+    channel_wait: float = Field(2.0, ge=0, description="how long a new call waits for its AMI channel")
+
+
+class Allowlist(_Model):
+    """Where the AI may send or place calls. Everything else is refused (toll fraud)."""
+
+    transfer: list[str] = Field(
+        default_factory=list, description="'context,exten' patterns; exten may be a regex: 'operators,^1\\d\\d$'"
+    )
+    originate: list[str] = Field(default_factory=list, description="regexes a destination must fully match")
+
+
+class ApiConfig(_Model):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"
+    token: SecretStr | None = None
+
+    _v = field_validator("listen")(lambda v: _listen(v, "api.listen"))
+
+
+class ToolConfig(_Model):
+    """A configured tool. ``kind: builtin`` names a built-in; ``kind: http`` calls a URL."""
+
+    kind: Literal["builtin", "http"] = "http"
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    timeout: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX)
+    # http
+    url: str | None = None
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    hmac_secret: SecretStr | None = None
+    retries: int = Field(2, ge=0, le=5)
+    max_response_bytes: int = Field(64 * 1024, ge=1024)
+    # builtin
+    builtin: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ToolConfig:
+        if self.kind == "http" and not self.url:
+            raise ValueError("an http tool needs 'url'")
+        return self
+
+
+class StoreConfig(_Model):
+    path: Path | None = Field(None, description="SQLite call history; unset = in memory only")
+    redact_args: list[str] = Field(default_factory=list, description="tool argument names stored as '***'")
+
+
+class Config(_Model):
+    audiosocket: AudioSocketConfig = Field(default_factory=AudioSocketConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    ami: AmiConfig = Field(default_factory=AmiConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    allow: Allowlist = Field(default_factory=Allowlist)
+    tool_deadline: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX)
+    tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    default_profile: str = "default"
+    profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.default_profile not in self.profiles:
+            raise ValueError(
+                f"default_profile {self.default_profile!r} is not among profiles ({', '.join(self.profiles)})"
+            )
+        return self
+
+    def profile(self, name: str | None) -> Profile:
+        return self.profiles[name or self.default_profile]
+
+    def problems(self, known_tools: set[str]) -> tuple[list[str], list[str]]:
+        """Checks that need the tool registry: (errors, warnings), each naming its key."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        for pname, p in self.profiles.items():
+            for i, t in enumerate(p.tools):
+                if t not in known_tools:
+                    errors.append(f"profiles.{pname}.tools.{i}: unknown tool {t!r} (known: {', '.join(sorted(known_tools))})")
+            for digit, action in p.dtmf.items():
+                if action.tool not in known_tools:
+                    errors.append(f"profiles.{pname}.dtmf.{digit}.tool: unknown tool {action.tool!r}")
+            if p.provider == "qwen" and p.tools:
+                warnings.append(
+                    f"profiles.{pname}: provider 'qwen' does not emit tool calls in realtime mode; "
+                    f"its tools ({', '.join(p.tools)}) will never be called"
+                )
+        if self.gateway.url and not self.gateway.api_key:
+            errors.append("gateway.api_key: required when gateway.url is set (or set VOXBRIDGE_GATEWAY_API_KEY)")
+        return errors, warnings
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_ALIASES = {
+    "VOXBRIDGE_GATEWAY_API_KEY": ("gateway", "api_key"),
+    "VOXBRIDGE_GATEWAY_URL": ("gateway", "url"),
+    "VOXBRIDGE_AMI_SECRET": ("ami", "secret"),
+    "VOXBRIDGE_API_TOKEN": ("api", "token"),
+}
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], str]]:
+    out: list[tuple[tuple[str, ...], str]] = []
+    for name, value in env.items():
+        if name in _ENV_ALIASES:
+            out.append((_ENV_ALIASES[name], value))
+        elif name.startswith("VOXBRIDGE_") and "__" in name:
+            path = tuple(p.lower() for p in name[len("VOXBRIDGE_"):].split("__"))
+            if all(path):
+                out.append((path, value))
+    return out
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    # Environment values are strings: read scalars as YAML so numbers and booleans work,
+    # but keep secrets and URLs verbatim (a token like "0123" must stay a string).
+    if path[-1] in _VERBATIM_KEYS:
+        node[path[-1]] = value
+        return
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    node[path[-1]] = parsed if isinstance(parsed, (str, int, float, bool)) else value
+
+
+_VERBATIM_KEYS = frozenset({"api_key", "secret", "token", "url", "hmac_secret", "username", "host"})
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        inp = err.get("input")
+        if err["type"] not in ("extra_forbidden", "missing") and not isinstance(inp, (dict, list)):
+            if not any(s in loc for s in ("api_key", "secret", "token")):
+                msg += f" (got {inp!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate. Raises :class:`ConfigError` with every problem named by key."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    overrides = _env_overrides(env)
+    for keypath, value in overrides:
+        _set_path(data, keypath, value)
+    if overrides:
+        source += " + environment (" + ", ".join("VOXBRIDGE_" + "__".join(p).upper() for p, _ in overrides) + ")"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
+    try:
+        return _parse_hostport(value, what=what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

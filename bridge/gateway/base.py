@@ -1,0 +1,122 @@
+"""The interface every gateway adapter implements, and the events it yields.
+
+A session talks to "a gateway" only through :class:`Gateway`; which protocol is on the wire
+(AillomVox today, others through further adapters) is the adapter's business. Events are
+plain dataclasses: the adapter parses and validates, the session only dispatches.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Union
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSetup:
+    """Everything the gateway needs to start talking to one caller."""
+
+    provider: str
+    sample_rate: int
+    system_prompt: str
+    voice: str | None = None
+    language: str | None = None
+    first_message: str | None = None
+    farewell_message: str | None = None
+    max_duration: int = 300
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioOut:
+    """AI speech, s16le mono at the session's gateway sample rate."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    role: str
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    args: dict[str, Any]
+    #: Set when the message was a tool_call we could not fully parse; the router still
+    #: answers it (exactly once) with this as the error.
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClearPlayback:
+    """Barge-in: drop everything queued for the caller now."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteHangup:
+    """The gateway ended the session."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteError:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The connection is gone. ``clean`` is False for drops and protocol failures."""
+
+    code: int | None
+    reason: str
+    clean: bool
+
+
+GatewayEvent = Union[AudioOut, Transcript, ToolCall, ClearPlayback, RemoteHangup, RemoteError, Closed]
+
+
+class GatewayError(Exception):
+    """The gateway could not be reached or refused the session."""
+
+
+class Gateway(abc.ABC):
+    """One AI conversation. Created per call; never reused.
+
+    Life cycle: ``connect`` → (``send_audio`` / ``send_tool_result``)* and ``events()`` →
+    ``hangup`` or a :class:`Closed` / :class:`RemoteHangup` event → ``close``.
+    ``send_*`` never raise on a dead connection: they drop and the event stream reports
+    :class:`Closed`, so the session has one place to learn that the gateway is gone.
+    """
+
+    sample_rate: int
+
+    @abc.abstractmethod
+    async def connect(self, setup: SessionSetup) -> None:
+        """Open the connection and send the session configuration. Raises GatewayError."""
+
+    @abc.abstractmethod
+    def send_audio(self, pcm: bytes) -> None:
+        """Queue caller audio (s16le at ``sample_rate``). Non-blocking, bounded."""
+
+    @abc.abstractmethod
+    async def send_tool_result(self, call_id: str, result: str) -> None: ...
+
+    @abc.abstractmethod
+    async def hangup(self) -> None:
+        """Tell the gateway the call is over and close."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[GatewayEvent]:
+        """Events in arrival order; ends after yielding :class:`Closed`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release everything. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters: frames/bytes each way, dropped frames."""

@@ -1,0 +1,116 @@
+"""The Tool interface, the registry, and what a tool may do to its call.
+
+A tool is a name, a description and a JSON Schema for its arguments (all three are sent to
+the gateway, so the AI knows when and how to call it), and ``async run(call, args)``. What
+``run`` returns becomes the ``tool_result``: a string as is, anything else JSON-encoded.
+Raise :class:`ToolError` with a sentence the AI can repeat to the caller.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import jsonschema
+
+
+class ToolError(Exception):
+    """A tool failed in a way the AI should hear about (``str()`` is what it is told)."""
+
+
+@dataclass(slots=True)
+class ChannelInfo:
+    """The Asterisk channel behind a call, as AMI reported it."""
+
+    name: str
+    uniqueid: str = ""
+    linkedid: str = ""
+    caller_num: str = ""
+    caller_name: str = ""
+    context: str = ""
+    exten: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+class CallControl(Protocol):
+    """What a running tool can see of, and do to, its call (implemented by the session)."""
+
+    call_id: str
+    profile_name: str
+    variables: Mapping[str, str]
+    metadata: Mapping[str, Any]
+
+    @property
+    def channel(self) -> ChannelInfo | None: ...
+
+    @property
+    def playout_pending_ms(self) -> int: ...
+
+    async def wait_playout(self, max_wait: float) -> None:
+        """Until the AI has finished speaking what is queued, at most ``max_wait`` s."""
+
+    def end(self, reason: str, *, after_speech: bool = True) -> None:
+        """End the call, after the AI's current sentence if ``after_speech``."""
+
+    def context(self) -> dict[str, Any]:
+        """The call context sent to external tools (caller, called, channel, profile, metadata)."""
+
+
+class Tool(abc.ABC):
+    name: str
+    description: str
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+    #: Per-tool deadline in seconds; the router caps it at the overall tool deadline.
+    timeout: float | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """What the gateway is told about this tool."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+    @abc.abstractmethod
+    async def run(self, call: CallControl, args: dict[str, Any]) -> Any: ...
+
+
+class ToolRegistry:
+    """Tools by name, with their argument validators compiled once."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, Tool] = {}
+        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+
+    def register(self, tool: Tool) -> Tool:
+        if not tool.name or not tool.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"tool name {tool.name!r} must be letters, digits, '_' or '-'")
+        cls = jsonschema.validators.validator_for(tool.parameters, default=jsonschema.Draft202012Validator)
+        try:
+            cls.check_schema(tool.parameters)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from None
+        self._tools[tool.name] = tool
+        self._validators[tool.name] = cls(tool.parameters)
+        return tool
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._tools)
+
+    def specs(self, names: list[str]) -> list[dict[str, Any]]:
+        return [self._tools[n].spec() for n in names if n in self._tools]
+
+    def validate(self, name: str, args: dict[str, Any]) -> str | None:
+        """None if ``args`` fit the tool's schema, else one sentence naming the problem."""
+        errors = sorted(self._validators[name].iter_errors(args), key=lambda e: list(e.absolute_path))
+        if not errors:
+            return None
+        parts = []
+        for err in errors[:3]:
+            where = "/".join(str(p) for p in err.absolute_path)
+            parts.append(f"{where}: {err.message}" if where else err.message)
+        return "invalid arguments: " + "; ".join(parts)
