@@ -33,6 +33,16 @@ log = logging.getLogger("voxbridge")
 DEMO_API_KEY = "demo"
 
 
+def build_tools(config: Config, extra: list[Tool] | None = None) -> ToolRegistry:
+    """The registry every call draws from: built-ins, configured tools, and ``extra``."""
+    registry = ToolRegistry()
+    for cls in BUILTINS.values():
+        registry.register(cls())
+    for tool in extra or []:
+        registry.register(tool)
+    return registry
+
+
 class Bridge:
     def __init__(
         self,
@@ -45,7 +55,6 @@ class Bridge:
         self.config = config
         self.clock = clock or PlayoutClock()
         self.events = EventBus()
-        self.tools = ToolRegistry()
         self.sessions: dict[str, CallSession] = {}
         self.connections: set[AudioSocketConnection] = set()
         self.metrics: collections.Counter[str] = collections.Counter()
@@ -54,11 +63,10 @@ class Bridge:
         self._sim: Any = None
         self.gateway_url: str | None = config.gateway.url
         self.ami: Any = None  # bridge.ami.AmiClient when configured
-        for name, cls in BUILTINS.items():
-            self.tools.register(cls())
-        for tool in tools or []:
-            self.tools.register(tool)
+        self.tools = build_tools(config, tools)
         errors, warnings = config.problems(self.tools.names)
+        if config.gateway.url and not config.gateway.api_key and gateway_factory is None:
+            errors.append("gateway.api_key: required when gateway.url is set (or set VOXBRIDGE_GATEWAY_API_KEY)")
         for w in warnings:
             log.warning("config: %s", w)
         if errors:

@@ -215,6 +215,10 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def pending_kind(self) -> int | None:
+        """The kind byte of the frame being received, before its payload is complete."""
+        return self._buf[0] if self._buf else None
+
     def __iter__(self) -> FrameDecoder:
         return self
 

@@ -77,13 +77,18 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .app import Bridge
+    from .app import build_tools
 
     try:
         cfg = load_config(args.file)
-        Bridge(cfg)  # registry-level checks: tools exist, DTMF targets exist
-    except ConfigError as exc:
+        errors, warnings = cfg.problems(build_tools(cfg).names)
+    except (ConfigError, ValueError) as exc:
         print(exc, file=sys.stderr)
+        return 1
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if errors:
+        print(f"invalid configuration in {args.file}:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(cfg.profiles)} profile(s): {', '.join(cfg.profiles)}; "
           f"gateway {'embedded demo' if cfg.gateway.url is None else cfg.gateway.url})")

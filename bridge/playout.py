@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from typing import Callable, Protocol
 
 log = logging.getLogger("voxbridge.playout")
@@ -184,6 +183,3 @@ class PlayoutClock:
             "max_lateness_ms": round(self.max_lateness * 1000, 3),
         }
 
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000

@@ -69,6 +69,9 @@ class AudioSocketConnection(asyncio.Protocol):
                 self._on_frame(frame)
                 if self.closed:
                     return
+            if self.session is None and decoder.pending_kind() not in (None, asp.Kind.UUID):
+                # Judge the header at once: do not wait up to 64 KiB for a frame we must refuse.
+                raise asp.ProtocolError(f"first frame must be the UUID (0x01), got kind 0x{decoder.pending_kind():02x}")
         except asp.ProtocolError as exc:
             self._protocol_error(str(exc))
 

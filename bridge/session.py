@@ -20,7 +20,7 @@ import logging
 import time
 import wave
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from tools.base import CallControl, ChannelInfo
 from tools.router import ToolOutcome, ToolRouter
@@ -137,13 +137,18 @@ class CallSession(CallControl):
             "metadata": dict(self.metadata),
         }
 
-    def end(self, reason: str, *, after_speech: bool = False) -> None:
-        """End the call (idempotent). With ``after_speech``, let the AI finish its sentence first."""
+    def end(self, reason: str, *, after_speech: bool = False, tail: float = SPEECH_TAIL_S) -> None:
+        """End the call (idempotent).
+
+        With ``after_speech``, first let the caller hear what is queued, then wait ``tail``
+        seconds for more speech (the AI's goodbye after an ``end_call`` result); ``tail=0``
+        when nothing more can come (the gateway hung up).
+        """
         if self.end_reason is not None or self._ending_after_speech and after_speech:
             return
         if after_speech:
             self._ending_after_speech = True
-            self.spawn(self._end_after_speech(reason), "end-after-speech")
+            self.spawn(self._end_after_speech(reason, tail), "end-after-speech")
             return
         self.end_reason = reason
         self._finisher = asyncio.create_task(self._finish(), name=f"call-finish-{self.call_id}")
@@ -306,13 +311,13 @@ class CallSession(CallControl):
                     self.bridge.events.publish("transcript", self.call_id, **item)
             elif isinstance(event, RemoteHangup):
                 self.log.info("gateway hung up")
-                self.end("gateway-hangup", after_speech=True)
+                self.end("gateway-hangup", after_speech=True, tail=0)
             elif isinstance(event, RemoteError):
                 await self._on_gateway_error(event.message)
             elif isinstance(event, Closed):
                 if self.end_reason is None and not self._ending_after_speech:
                     if event.clean:
-                        self.end("gateway-closed", after_speech=True)
+                        self.end("gateway-closed", after_speech=True, tail=0)
                     else:
                         self.log.error("gateway connection lost (code %s: %s)", event.code, event.reason or "-")
                         await self._fallback(f"gateway connection lost ({event.code})")
@@ -321,7 +326,7 @@ class CallSession(CallControl):
     async def _on_gateway_error(self, message: str) -> None:
         if message in NORMAL_END_ERRORS:
             self.log.info("gateway ended the call: %s", message)
-            self.end("max-duration", after_speech=True)
+            self.end("max-duration", after_speech=True, tail=0)
             return
         self.log.error("gateway error: %s", message)
         self.bridge.events.publish("call.failed", self.call_id, reason="gateway-error", message=message)
@@ -345,15 +350,17 @@ class CallSession(CallControl):
         await self.bridge.apply_fallback(self, fb)
         self.end("fallback:" + why)
 
-    async def _end_after_speech(self, reason: str) -> None:
+    async def _end_after_speech(self, reason: str, tail: float) -> None:
         """Wait for the AI to finish what it is saying (queue drained, no new speech), capped."""
         try:
             async with asyncio.timeout(SPEECH_WAIT_MAX_S):
                 while True:
                     await self.playout.wait_drained()
+                    if tail <= 0:
+                        break
                     self._audio_arrived.clear()
                     try:
-                        async with asyncio.timeout(SPEECH_TAIL_S):
+                        async with asyncio.timeout(tail):
                             await self._audio_arrived.wait()
                     except TimeoutError:
                         break
@@ -456,6 +463,3 @@ def _load_wav(path: Any, rate: int) -> bytes:
         src = w.getframerate()
     return pcm if src == rate else Resampler(src, rate).process(pcm)
 
-
-def describe_settings(settings: CallSettings) -> Mapping[str, Any]:
-    return {"profile": settings.profile, "direction": settings.direction, "variables": list(settings.variables)}
