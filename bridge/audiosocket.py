@@ -37,6 +37,8 @@ __all__ = [
     "encode_error",
     "audio_kind_for_rate",
     "frame_bytes",
+    "parse_header",
+    "decode_payload",
 ]
 
 HEADER_SIZE = 3
@@ -229,9 +231,10 @@ class FrameDecoder:
         if len(buf) < HEADER_SIZE:
             raise StopIteration
         kind_byte, length = _HEADER.unpack_from(buf)
-        if kind_byte not in _KNOWN_KINDS:
-            # Fail on the header: do not wait for a payload of a kind we cannot use.
-            self._error = ProtocolError(f"unknown message kind 0x{kind_byte:02x}")
+        # Fail on the header: never wait (up to 64 KiB) for a payload we would refuse anyway.
+        problem = _header_problem(kind_byte, length)
+        if problem is not None:
+            self._error = ProtocolError(problem)
             raise self._error
         end = HEADER_SIZE + length
         if len(buf) < end:
@@ -245,13 +248,30 @@ class FrameDecoder:
             raise
 
 
+def _header_problem(kind_byte: int, length: int) -> str | None:
+    """What is wrong with a header on its own (the length a kind allows), or None."""
+    if kind_byte not in _KNOWN_KINDS:
+        return f"unknown message kind 0x{kind_byte:02x}"
+    if kind_byte == Kind.UUID and length != 16:
+        return f"UUID frame must carry 16 bytes, got {length}"
+    if kind_byte == Kind.DTMF and length != 1:
+        return f"DTMF frame must carry 1 byte, got {length}"
+    if 0x10 <= kind_byte <= 0x18:
+        if length == 0:
+            return f"{Kind(kind_byte).name} audio frame is empty"
+        if length % 2:
+            return f"{Kind(kind_byte).name} audio frame has odd length {length} (s16le needs whole samples)"
+    return None
+
+
 def parse_header(header: bytes) -> tuple[Kind, int]:
     """Parse a 3-byte header for readers that use ``readexactly`` (header, then payload)."""
     if len(header) != HEADER_SIZE:
         raise ProtocolError(f"header must be {HEADER_SIZE} bytes, got {len(header)}")
     kind_byte, length = _HEADER.unpack(header)
-    if kind_byte not in _KNOWN_KINDS:
-        raise ProtocolError(f"unknown message kind 0x{kind_byte:02x}")
+    problem = _header_problem(kind_byte, length)
+    if problem is not None:
+        raise ProtocolError(problem)
     return Kind(kind_byte), length
 
 

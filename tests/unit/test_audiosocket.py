@@ -89,6 +89,18 @@ def test_unknown_kind_fails_on_the_header_without_waiting_for_the_payload():
         next(d)
 
 
+@pytest.mark.parametrize("header,message", [
+    (b"\x01\xff\xff", "UUID frame must carry 16 bytes, got 65535"),
+    (b"\x03\x10\x00", "DTMF frame must carry 1 byte"),
+    (b"\x10\xff\xff", "odd length 65535"),
+])
+def test_impossible_lengths_fail_on_the_header_alone(header, message):
+    d = FrameDecoder()
+    d.feed(header)  # no payload yet: a decoder that waits for it would return nothing here
+    with pytest.raises(ProtocolError, match=message):
+        next(d)
+
+
 def test_partial_frames_wait_for_more_bytes():
     wire = asp.encode_audio(b"\x05\x00" * 160)
     d = FrameDecoder()

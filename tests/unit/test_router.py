@@ -29,6 +29,9 @@ class FakeCall:
     def end(self, reason: str, *, after_speech: bool = True) -> None:
         self.ended.append((reason, after_speech))
 
+    def note_handoff(self, reason: str | None) -> None:
+        self.handoff = reason
+
     def context(self) -> dict[str, Any]:
         return {"call_id": self.call_id}
 
