@@ -16,9 +16,12 @@ import collections
 import logging
 from typing import Any, Callable
 
+from tools.ami import AMI_TOOLS, Telephony
 from tools.base import Tool, ToolRegistry
 from tools.builtin import BUILTINS
 
+from .ami import AmiClient, AmiError
+from .channels import ChannelTracker
 from .config import Config, ConfigError, Fallback, parse_hostport
 from .events import EventBus
 from .gateway.aillomvox import AillomVoxGateway
@@ -33,11 +36,21 @@ log = logging.getLogger("voxbridge")
 DEMO_API_KEY = "demo"
 
 
-def build_tools(config: Config, extra: list[Tool] | None = None) -> ToolRegistry:
-    """The registry every call draws from: built-ins, configured tools, and ``extra``."""
+def make_telephony(config: Config, ami: AmiClient | None = None) -> Telephony:
+    o = config.originate
+    return Telephony(ami, transfer_allow=config.allow.transfer, originate_allow=config.allow.originate,
+                     originate_channel=o.channel, originate_context=o.context, originate_exten=o.exten,
+                     ring_timeout=o.ring_timeout, caller_id=o.caller_id)
+
+
+def build_tools(config: Config, extra: list[Tool] | None = None, telephony: Telephony | None = None) -> ToolRegistry:
+    """The registry every call draws from: built-ins, telephony tools, configured tools, ``extra``."""
     registry = ToolRegistry()
     for cls in BUILTINS.values():
         registry.register(cls())
+    telephony = telephony or make_telephony(config)
+    for ami_cls in AMI_TOOLS:
+        registry.register(ami_cls(telephony))
     for tool in extra or []:
         registry.register(tool)
     return registry
@@ -62,8 +75,15 @@ class Bridge:
         self._server: asyncio.Server | None = None
         self._sim: Any = None
         self.gateway_url: str | None = config.gateway.url
-        self.ami: Any = None  # bridge.ami.AmiClient when configured
-        self.tools = build_tools(config, tools)
+        self.ami: AmiClient | None = None
+        self.channels = ChannelTracker()
+        if config.ami.enabled:
+            a = config.ami
+            self.ami = AmiClient(a.host, a.port, a.username, a.secret.get_secret_value() if a.secret else "",
+                                 action_timeout=a.action_timeout, ping_interval=a.ping_interval)
+            self.channels.attach(self.ami)
+        self.telephony = make_telephony(config, self.ami)
+        self.tools = build_tools(config, tools, self.telephony)
         errors, warnings = config.problems(self.tools.names)
         if config.gateway.url and not config.gateway.api_key and gateway_factory is None:
             errors.append("gateway.api_key: required when gateway.url is set (or set VOXBRIDGE_GATEWAY_API_KEY)")
@@ -84,6 +104,8 @@ class Bridge:
             self.gateway_url = self._sim.url
             log.warning("no gateway.url configured: using the embedded reference gateway at %s (demo mode)",
                         self.gateway_url)
+        if self.ami is not None:
+            await self.ami.start()  # connects (and reconnects) in the background
         host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
         self._server = await start_server(self, host, port, reuse_port=cfg.audiosocket.reuse_port)
         log.info("AudioSocket listening on %s:%d (max %d calls)", *self.audiosocket_address, cfg.audiosocket.max_calls)
@@ -116,6 +138,8 @@ class Bridge:
         if self._sim is not None:
             await self._sim.stop()
             self._sim = None
+        if self.ami is not None:
+            await self.ami.stop()
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -150,8 +174,33 @@ class Bridge:
         self.sessions.pop(session.call_id, None)
 
     async def resolve_settings(self, session: CallSession) -> CallSettings:
-        """Per-call settings: API request, then dialplan (AMI), then defaults."""
-        return CallSettings()
+        """Per-call settings: API request, then dialplan (AMI channel variables), then defaults."""
+        settings = CallSettings()
+        if self.ami is None:
+            return settings
+        cfg = self.config
+        channel = await self.channels.wait_for(session.call_id, cfg.ami.channel_wait)
+        if channel is None:
+            if cfg.audiosocket.unknown_uuid == "refuse":
+                settings.refuse = "no Asterisk channel claims this UUID (audiosocket.unknown_uuid: refuse)"
+            else:
+                session.log.warning("no Asterisk channel claims this UUID within %.1f s: tools that need the "
+                                    "channel (transfer, hangup, DTMF) will not work for this call",
+                                    cfg.ami.channel_wait)
+            return settings
+        settings.channel = channel
+        values = dict(channel.variables)
+        for name in ("AS_PROFILE", "AS_VARS"):
+            if name not in values:  # not in manager.conf channelvars: ask
+                try:
+                    resp = await self.ami.action("Getvar", Channel=channel.name, Variable=name, timeout=2)
+                    values[name] = resp.get("Value") or ""
+                except AmiError as exc:
+                    session.log.warning("cannot read %s: %s", name, exc)
+        if values.get("AS_PROFILE"):
+            settings.profile = values["AS_PROFILE"]
+        settings.variables.update(parse_vars(values.get("AS_VARS", "")))
+        return settings
 
     def make_gateway(self, session: CallSession) -> Gateway:
         if self._gateway_factory is not None:
@@ -166,7 +215,31 @@ class Bridge:
         )
 
     async def apply_fallback(self, session: CallSession, fallback: Fallback) -> None:
-        """Telephony side of a fallback (needs AMI for anything beyond returning to the dialplan)."""
-        if fallback.action != "dialplan" and self.ami is None:
-            log.warning("[%s] fallback %r needs AMI, which is not configured: returning to the dialplan",
-                        session.call_id, fallback.action)
+        """Telephony side of a fallback. Returning to the dialplan needs nothing but the 0x00 that
+        ends every session; the rest needs AMI and the channel."""
+        channel = session.channel
+        if self.ami is None or channel is None:
+            if fallback.action != "dialplan":
+                session.log.warning("fallback %r needs AMI and a known channel: returning to the dialplan",
+                                    fallback.action)
+            return
+        try:
+            if fallback.action == "dialplan":
+                await self.ami.action("Setvar", Channel=channel.name, Variable="VOXBRIDGE_RESULT", Value="fallback")
+            elif fallback.action == "hangup":
+                session.note_handoff("fallback:hangup")
+                await self.ami.action("Hangup", Channel=channel.name, Cause=16)
+            elif fallback.action == "transfer":
+                session.note_handoff(f"fallback:transferred:{fallback.context},{fallback.exten}")
+                await self.ami.action("Redirect", Channel=channel.name, Context=fallback.context,
+                                      Exten=fallback.exten, Priority=1)
+        except AmiError as exc:
+            session.note_handoff(None)
+            session.log.error("fallback %s failed: %s (returning to the dialplan)", fallback.action, exc)
+
+
+def parse_vars(text: str) -> dict[str, str]:
+    """``AS_VARS`` from the dialplan: ``name=value&other=value`` (URL-encoded) → prompt variables."""
+    from urllib.parse import parse_qsl
+
+    return {k: v for k, v in parse_qsl(text, keep_blank_values=True) if k.isidentifier()}

@@ -41,6 +41,8 @@ GATEWAY_RATES = (8000, 16000, 24000)
 TOOL_DEADLINE_MAX = 15.0
 DEFAULT_TOOL_DEADLINE = 14.0
 
+AMI_TOOL_NAMES = frozenset({"transfer", "hangup", "originate", "send_dtmf"})
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -201,9 +203,50 @@ class Allowlist(_Model):
     """Where the AI may send or place calls. Everything else is refused (toll fraud)."""
 
     transfer: list[str] = Field(
-        default_factory=list, description="'context,exten' patterns; exten may be a regex: 'operators,^1\\d\\d$'"
+        default_factory=list, description="'context,exten-regex' entries, e.g. 'operators,1\\d\\d' (full match)"
     )
     originate: list[str] = Field(default_factory=list, description="regexes a destination must fully match")
+
+    @field_validator("transfer")
+    @classmethod
+    def _transfer_rules(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            context, sep, exten = spec.partition(",")
+            if not sep or not context.strip() or not exten.strip():
+                raise ValueError(f"entry {spec!r} must be 'context,extension-pattern'")
+            _regex(exten.strip())
+        return v
+
+    @field_validator("originate")
+    @classmethod
+    def _originate_rules(cls, v: list[str]) -> list[str]:
+        for p in v:
+            _regex(p)
+        return v
+
+
+def _regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+
+
+class OriginateConfig(_Model):
+    """How the ``originate`` tool places calls: the dial string and where an answered call goes."""
+
+    channel: str = Field("PJSIP/{destination}", description="dial string; {destination} is filled in")
+    context: str | None = None
+    exten: str | None = None
+    ring_timeout: float = Field(12.0, gt=0, le=13, description="seconds; must fit the tool deadline")
+    caller_id: str | None = None
+
+    @field_validator("channel")
+    @classmethod
+    def _has_destination(cls, v: str) -> str:
+        if "{destination}" not in v:
+            raise ValueError("must contain {destination}")
+        return v
 
 
 class ApiConfig(_Model):
@@ -251,6 +294,7 @@ class Config(_Model):
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     allow: Allowlist = Field(default_factory=Allowlist)
+    originate: OriginateConfig = Field(default_factory=OriginateConfig)
     tool_deadline: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX)
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
     default_profile: str = "default"
@@ -279,6 +323,11 @@ class Config(_Model):
             for digit, action in p.dtmf.items():
                 if action.tool not in known_tools:
                     errors.append(f"profiles.{pname}.dtmf.{digit}.tool: unknown tool {action.tool!r}")
+            ami_tools = [t for t in p.tools if t in AMI_TOOL_NAMES]
+            if ami_tools and not self.ami.enabled:
+                warnings.append(f"profiles.{pname}.tools: {', '.join(ami_tools)} need AMI (ami.enabled is false)")
+            if "transfer" in p.tools and not self.allow.transfer:
+                warnings.append(f"profiles.{pname}.tools: 'transfer' is offered but allow.transfer is empty")
             if p.provider == "qwen" and p.tools:
                 warnings.append(
                     f"profiles.{pname}: provider 'qwen' does not emit tool calls in realtime mode; "

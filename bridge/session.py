@@ -68,6 +68,7 @@ class CallSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # prompt, first_message, voice, …
     channel: ChannelInfo | None = None
     direction: str = "inbound"
+    refuse: str | None = None  # set to refuse the call (unknown UUID under a strict policy)
 
 
 class CallSession(CallControl):
@@ -100,6 +101,7 @@ class CallSession(CallControl):
         self._timer: asyncio.TimerHandle | None = None
         self._finisher: asyncio.Task[None] | None = None
         self._ending_after_speech = False
+        self._handoff: str | None = None
         self.end_reason: str | None = None
         self.ended = asyncio.Event()
         self.transcript: list[dict[str, Any]] = []
@@ -176,6 +178,11 @@ class CallSession(CallControl):
     async def _run(self) -> None:
         bridge = self.bridge
         settings = await bridge.resolve_settings(self)
+        if settings.refuse:
+            self.log.warning("refused: %s", settings.refuse)
+            self.bridge.metrics["calls_refused"] += 1
+            self.end("refused: " + settings.refuse)
+            return
         self._apply_settings(settings)
         bridge.events.publish("call.started", self.call_id, **self._summary())
         if self.end_reason is not None:
@@ -383,9 +390,12 @@ class CallSession(CallControl):
         self.log.info("DTMF %s → tool %s", digit, action.tool)
         self.router.run_local(action.tool, dict(action.args))
 
+    def note_handoff(self, reason: str | None) -> None:
+        self._handoff = reason
+
     def on_caller_gone(self, why: str) -> None:
         """The AudioSocket connection closed (caller hung up, redirect, or protocol error)."""
-        self.end(why)
+        self.end(self._handoff if self._handoff and why == "caller-hangup" else why)
 
     # ------------------------------------------------------------------ tools → events
 

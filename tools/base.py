@@ -53,6 +53,10 @@ class CallControl(Protocol):
     def end(self, reason: str, *, after_speech: bool = True) -> None:
         """End the call, after the AI's current sentence if ``after_speech``."""
 
+    def note_handoff(self, reason: str | None) -> None:
+        """Asterisk is about to take the channel away (Redirect, Hangup): record why, so the
+        socket closing is not mistaken for the caller hanging up. ``None`` withdraws it."""
+
     def context(self) -> dict[str, Any]:
         """The call context sent to external tools (caller, called, channel, profile, metadata)."""
 

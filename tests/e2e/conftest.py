@@ -1,0 +1,114 @@
+"""Fixtures for the end-to-end tests against a real Asterisk 22 (see sandbox.sh, asterisk.py).
+
+* ``asterisk_root`` (session): builds or reuses the Debian sid chroot with ``sandbox.sh asterisk``.
+  If it cannot be built the e2e tests are skipped with a loud reason, unless ``CI`` is set, in
+  which case they fail.
+* ``asterisk`` (function): a started :class:`AsteriskSandbox` on free ports; stopped afterwards.
+* ``ami``: the independent test AMI client (:mod:`ami_client`), logged in to that Asterisk.
+* ``free_port()``: a free TCP port on 127.0.0.1.
+
+Every test collected under tests/e2e gets the ``e2e`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # so test modules can `import asterisk, ami_client` in any import mode
+    sys.path.insert(0, str(HERE))
+
+from ami_client import AmiClient  # noqa: E402
+from asterisk import AsteriskSandbox, ensure_proc, release_proc  # noqa: E402
+
+SANDBOX_SH = HERE / "sandbox.sh"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (and not handed out before in this session)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+def _unavailable(reason: str) -> None:
+    msg = f"E2E SANDBOX UNAVAILABLE: {reason}"
+    if os.environ.get("CI"):
+        pytest.fail(msg + " (CI is set, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def asterisk_root() -> Path:
+    """The sid chroot with Asterisk 22 (built on first use, ~1 min; cached afterwards)."""
+    if os.geteuid() != 0:
+        _unavailable("the Asterisk chroot needs root (debootstrap, chroot, mount proc)")
+    try:
+        res = subprocess.run(
+            ["bash", str(SANDBOX_SH), "asterisk"], capture_output=True, text=True, timeout=900
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"sandbox.sh asterisk did not run: {exc}")
+    if res.returncode != 0:
+        _unavailable(f"sandbox.sh asterisk failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    lines = res.stdout.strip().splitlines()
+    if not lines:
+        _unavailable(f"sandbox.sh asterisk printed no root path:\n{res.stderr[-3000:]}")
+    root = Path(lines[-1])
+    if not (root / "usr/sbin/asterisk").exists():
+        _unavailable(f"{root} has no /usr/sbin/asterisk")
+    mounted = ensure_proc(root)
+    yield root
+    if mounted:
+        release_proc(root)
+
+
+@pytest.fixture
+def asterisk(asterisk_root: Path, tmp_path: Path) -> AsteriskSandbox:
+    """A running Asterisk on fresh ports (``.ami_port``, ``.audiosocket_port``); stopped after."""
+    sandbox = AsteriskSandbox(asterisk_root, tmp_path / "asterisk", free_port(), free_port())
+    try:
+        sandbox.start()
+    except BaseException:
+        sandbox.cleanup()
+        raise
+    try:
+        yield sandbox
+    finally:
+        sandbox.stop()
+        sandbox.cleanup()  # logs were copied into tmp_path by stop()
+
+
+@pytest.fixture
+async def ami(asterisk: AsteriskSandbox) -> AmiClient:
+    client = await AmiClient.connect("127.0.0.1", asterisk.ami_port, asterisk.ami_username, asterisk.ami_secret)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    """The :func:`free_port` helper, as a fixture."""
+    return free_port

@@ -1,0 +1,131 @@
+"""The files we ship in examples/ work on a real Asterisk as written (only the port is changed)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bridge.app import Bridge
+from bridge.config import Config, load_config
+from bridge.dial import tone
+from bridge.gateway.sim import GatewaySim
+
+from .ami_client import AmiClient
+from .asterisk import AsteriskSandbox
+from .conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+KEY = "e2e-key"
+
+
+@pytest.fixture
+def asterisk_with_examples(asterisk_root, tmp_path):
+    sandbox = AsteriskSandbox(asterisk_root, tmp_path / "asterisk", free_port(), free_port())
+    text = (EXAMPLES / "asterisk" / "extensions.conf").read_text()
+    sandbox.extra_dialplan = text.replace("127.0.0.1:9000", f"127.0.0.1:{sandbox.audiosocket_port}")
+    sandbox.start()
+    try:
+        yield sandbox
+    finally:
+        sandbox.stop()
+        sandbox.cleanup()
+
+
+@pytest.fixture
+async def ami(asterisk_with_examples):
+    """The test's own AMI view of the examples sandbox (not the default one)."""
+    a = asterisk_with_examples
+    client = await AmiClient.connect("127.0.0.1", a.ami_port, a.ami_username, a.ami_secret)
+    yield client
+    await client.close()
+
+
+def test_example_manager_conf_has_what_the_bridge_needs():
+    text = (EXAMPLES / "asterisk" / "manager.conf").read_text()
+    assert re.search(r"^channelvars\s*=\s*AS_UUID,AS_PROFILE,AS_VARS", text, re.M)
+    read = re.search(r"^read\s*=\s*(.+)$", text, re.M).group(1)
+    for cls in ("call", "dialplan", "user"):
+        assert cls in read
+    assert re.search(r"^bindaddr\s*=\s*127\.0\.0\.1", text, re.M)
+
+
+def test_example_config_is_valid():
+    cfg = load_config(EXAMPLES / "voxbridge.yaml", env={"VOXBRIDGE_GATEWAY_API_KEY": "x", "VOXBRIDGE_AMI_SECRET": "y"})
+    Bridge(cfg)  # tools and DTMF targets exist
+
+
+async def start_bridge(asterisk: AsteriskSandbox, sim: GatewaySim, *, api_key: str = KEY) -> Bridge:
+    """The example config, pointed at the sandbox and the reference gateway."""
+    cfg = load_config(EXAMPLES / "voxbridge.yaml", env={})
+    data = cfg.model_dump(mode="python")
+    data["audiosocket"]["listen"] = f"127.0.0.1:{asterisk.audiosocket_port}"
+    data["gateway"].update(url=sim.url, api_key=api_key, settle_ms=0)
+    data["ami"].update(port=asterisk.ami_port, username=asterisk.ami_username, secret=asterisk.ami_secret)
+    data["api"]["enabled"] = False
+    data["store"]["path"] = None
+    bridge = Bridge(Config.model_validate(data))
+    await bridge.start()
+    await bridge.ami.wait_connected(10)
+    return bridge
+
+
+async def call_example(ami, asterisk: AsteriskSandbox, exten: str = "s") -> str:
+    as_uuid = str(uuid.uuid4())
+    play = asterisk.write_wav(f"play-{as_uuid[:8]}", tone(500, 500, 8000))
+    rec = asterisk.recording_path(f"rec-{as_uuid[:8]}.wav")
+    resp = await ami.originate_caller(play, rec, 8, {"AS_UUID": as_uuid}, context="voxbridge-ai", exten=exten)
+    assert resp["Response"] == "Success"
+    return as_uuid
+
+
+async def test_shipped_dialplan_reaches_the_ai_with_caller_id_and_transfer_works(asterisk_with_examples, ami):
+    asterisk = asterisk_with_examples
+    async with GatewaySim(accepted_keys={KEY}) as sim:
+        bridge = await start_bridge(asterisk, sim)
+        try:
+            await call_example(ami, asterisk)
+            session = await sim.next_session(10)
+            cfg = await session.wait_accepted()
+            assert "The caller's number is 5551234." in cfg["system_prompt"]  # AS_VARS from the dialplan
+            assert {t["name"] for t in cfg["tools"]} >= {"transfer", "end_call"}
+            mark = ami.mark()
+            result = await session.call_tool("transfer", {"extension": "100", "after_speech": False})
+            assert '"status": "transferred"' in result
+            await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators"
+                                 and e.get("Exten") == "100", since=mark, timeout=5)
+        finally:
+            await bridge.stop()
+
+
+async def test_shipped_dialplan_sends_the_caller_to_a_human_when_the_ai_fails(asterisk_with_examples, ami):
+    asterisk = asterisk_with_examples
+    async with GatewaySim(accepted_keys={KEY}) as sim:
+        bridge = await start_bridge(asterisk, sim, api_key="revoked-key")  # the gateway refuses us
+        try:
+            mark = ami.mark()
+            await call_example(ami, asterisk)
+            ev = await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators",
+                                      since=mark, timeout=10)
+            assert ev["Exten"] == "100"  # VOXBRIDGE_RESULT=fallback routed it; nobody was hung up on
+        finally:
+            await bridge.stop()
+
+
+async def test_shipped_wideband_variant(asterisk_with_examples, ami):
+    asterisk = asterisk_with_examples
+    async with GatewaySim(accepted_keys={KEY}) as sim:
+        bridge = await start_bridge(asterisk, sim)
+        try:
+            as_uuid = await call_example(ami, asterisk, exten="wideband")
+            session = await sim.next_session(10)
+            await session.wait_audio(4000, timeout=10)
+            assert bridge.sessions[as_uuid].caller_rate == 16000
+            assert session.config["sample_rate"] == 16000
+        finally:
+            await bridge.stop()

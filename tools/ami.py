@@ -1,0 +1,257 @@
+"""Built-in telephony tools over AMI: transfer, hangup, originate, send_dtmf.
+
+An AI can be talked into dialling anything (toll fraud), so every target is checked against
+the allowlists in config before AMI is touched; a refusal is a tool error that names the
+reason, and it is logged as a security event. Transfers and originates always use priority 1.
+Every action awaits Asterisk's Response (by ActionID, with a deadline) before reporting
+success — "transfer silently does nothing" is the most common complaint about peer bridges.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .base import CallControl, ChannelInfo, Tool, ToolError
+
+if TYPE_CHECKING:
+    from bridge.ami import AmiClient
+
+log = logging.getLogger("voxbridge.tools.ami")
+security = logging.getLogger("voxbridge.security")
+
+#: OriginateResponse ``Reason`` codes (Asterisk's AST_CONTROL_*), as tool outcomes.
+ORIGINATE_REASONS = {"0": "failed", "1": "hangup", "3": "no answer", "4": "answered", "5": "busy", "8": "congestion"}
+DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
+#: How long to let the AI finish its sentence before a transfer or hangup.
+SPEECH_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class TransferRule:
+    context: str
+    exten: re.Pattern[str]
+
+    @classmethod
+    def parse(cls, spec: str) -> TransferRule:
+        context, sep, exten = spec.partition(",")
+        if not sep or not context.strip() or not exten.strip():
+            raise ValueError(f"transfer allowlist entry {spec!r} must be 'context,extension-pattern'")
+        return cls(context.strip(), re.compile(exten.strip()))
+
+
+def _full(pattern: re.Pattern[str], value: str) -> bool:
+    return pattern.fullmatch(value) is not None
+
+
+class Telephony:
+    """What the AMI tools (and the fallback, and the API) may do to Asterisk."""
+
+    def __init__(self, ami: AmiClient | None, *, transfer_allow: list[str], originate_allow: list[str],
+                 originate_channel: str, originate_context: str | None, originate_exten: str | None,
+                 ring_timeout: float = 12.0, caller_id: str | None = None) -> None:
+        self.ami = ami
+        self.transfer_rules = [TransferRule.parse(s) for s in transfer_allow]
+        self.originate_rules = [re.compile(p) for p in originate_allow]
+        self.originate_channel = originate_channel
+        self.originate_context = originate_context
+        self.originate_exten = originate_exten
+        self.ring_timeout = ring_timeout
+        self.caller_id = caller_id
+
+    def _require(self, what: str) -> AmiClient:
+        if self.ami is None:
+            raise ToolError(f"{what} is not available: the bridge has no AMI connection configured")
+        if not self.ami.connected.is_set():
+            raise ToolError(f"{what} is not possible right now: the connection to Asterisk is down")
+        return self.ami
+
+    @staticmethod
+    def _channel(call: CallControl, what: str) -> ChannelInfo:
+        ch = call.channel
+        if ch is None or not ch.name:
+            raise ToolError(f"cannot {what}: this call's Asterisk channel is not known")
+        return ch
+
+    # -- allowlists
+
+    def check_transfer(self, call: CallControl, exten: str, context: str | None) -> tuple[str, str]:
+        for rule in self.transfer_rules:
+            if (context is None or context == rule.context) and _full(rule.exten, exten):
+                return rule.context, exten
+        security.warning("SECURITY refused transfer of call %s to %s,%s (not in allow.transfer)",
+                         call.call_id, context or "*", exten)
+        raise ToolError(f"transfers to {exten!r}{' in ' + context if context else ''} are not allowed")
+
+    def check_originate(self, call_id: str, destination: str) -> None:
+        if not any(_full(p, destination) for p in self.originate_rules):
+            security.warning("SECURITY refused originate from call %s to %r (not in allow.originate)",
+                             call_id, destination)
+            raise ToolError(f"calling {destination!r} is not allowed")
+
+    # -- actions
+
+    async def redirect(self, call: CallControl, context: str, exten: str) -> None:
+        ami = self._require("transfer")
+        ch = self._channel(call, "transfer")
+        from bridge.ami import AmiError
+
+        try:
+            await ami.action("Redirect", Channel=ch.name, Context=context, Exten=exten, Priority=1)
+        except AmiError as exc:
+            raise ToolError(f"transfer failed: {exc}") from None
+
+    async def hangup(self, call: CallControl, cause: int = 16) -> None:
+        ami = self._require("hangup")
+        ch = self._channel(call, "hang up")
+        from bridge.ami import AmiError
+
+        try:
+            await ami.action("Hangup", Channel=ch.name, Cause=cause)
+        except AmiError as exc:
+            raise ToolError(f"hangup failed: {exc}") from None
+
+    async def play_dtmf(self, call: CallControl, digits: str, duration_ms: int = 250) -> None:
+        ami = self._require("sending DTMF")
+        ch = self._channel(call, "send DTMF")
+        from bridge.ami import AmiError
+
+        try:
+            for d in digits:
+                await ami.action("PlayDTMF", Channel=ch.name, Digit=d, Duration=duration_ms)
+        except AmiError as exc:
+            raise ToolError(f"sending DTMF failed: {exc}") from None
+
+    async def originate(self, destination: str, *, channel_template: str, context: str | None, exten: str | None,
+                        variables: dict[str, str], timeout: float, caller_id: str | None = None,
+                        application: str | None = None, data: str | None = None) -> str:
+        """Place a call; return the outcome (answered, busy, no answer, failed, …)."""
+        ami = self._require("placing a call")
+        from bridge.ami import AmiError
+
+        fields: dict[str, Any] = {
+            "Channel": channel_template.format(destination=destination),
+            "Timeout": int(timeout * 1000),
+            "CallerID": caller_id or self.caller_id,
+            "Variable": variables or None,
+        }
+        if application:
+            fields.update(Application=application, Data=data or "")
+        else:
+            fields.update(Context=context, Exten=exten, Priority=1)
+        try:
+            event = await ami.originate(timeout=timeout + 3, **fields)
+        except AmiError as exc:
+            raise ToolError(f"the call could not be placed: {exc}") from None
+        return ORIGINATE_REASONS.get(event.get("Reason") or "", "failed")
+
+
+class _AmiTool(Tool):
+    def __init__(self, telephony: Telephony) -> None:
+        self.telephony = telephony
+
+
+class TransferTool(_AmiTool):
+    name = "transfer"
+    description = (
+        "Transfer the caller to another extension (for example a human operator or a department). "
+        "Tell the caller you are transferring them first; the transfer happens after your current sentence."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {
+            "extension": {"type": "string", "description": "the extension to transfer to, e.g. 100"},
+            "context": {"type": "string", "description": "the dialplan context, if more than one is allowed"},
+            "after_speech": {"type": "boolean", "description": "finish the current sentence first (default true)"},
+        },
+        "required": ["extension"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, call: CallControl, args: dict[str, Any]) -> dict[str, str]:
+        context, exten = self.telephony.check_transfer(call, args["extension"].strip(), args.get("context"))
+        self.telephony._require("transfer")
+        self.telephony._channel(call, "transfer")
+        if args.get("after_speech", True):
+            await call.wait_playout(SPEECH_WAIT_S)
+        call.note_handoff(f"transferred:{context},{exten}")
+        try:
+            await self.telephony.redirect(call, context, exten)
+        except ToolError:
+            call.note_handoff(None)
+            raise
+        log.info("call %s transferred to %s,%s", call.call_id, context, exten)
+        return {"status": "transferred", "context": context, "extension": exten}
+
+
+class HangupTool(_AmiTool):
+    name = "hangup"
+    description = (
+        "Hang up the phone call. Say goodbye first: by default the call ends after your current sentence."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {
+            "after_speech": {"type": "boolean", "description": "finish the current sentence first (default true)"},
+            "reason": {"type": "string", "description": "why the call ends, for the call record"},
+        },
+        "additionalProperties": False,
+    }
+
+    async def run(self, call: CallControl, args: dict[str, Any]) -> str:
+        if args.get("after_speech", True):
+            await call.wait_playout(SPEECH_WAIT_S)
+        reason = "ai-hangup" + (f": {args['reason']}" if args.get("reason") else "")
+        if self.telephony.ami is None or call.channel is None:
+            call.end(reason, after_speech=False)  # 0x00: the dialplan continues (and hangs up)
+            return "ok: the call is ending"
+        call.note_handoff(reason)
+        await self.telephony.hangup(call)
+        return "ok: the call has been hung up"
+
+
+class OriginateTool(_AmiTool):
+    name = "originate"
+    description = (
+        "Place a new phone call to an allowed number or extension and report whether it was answered, "
+        "busy, or not answered. Only destinations the operator allowed can be called."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {"destination": {"type": "string", "description": "the number or extension to call"}},
+        "required": ["destination"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, call: CallControl, args: dict[str, Any]) -> dict[str, str]:
+        t = self.telephony
+        destination = args["destination"].strip()
+        t.check_originate(call.call_id, destination)
+        if not (t.originate_context and t.originate_exten):
+            raise ToolError("placing calls is not configured (originate.context / originate.exten)")
+        outcome = await t.originate(
+            destination, channel_template=t.originate_channel, context=t.originate_context,
+            exten=t.originate_exten, variables={"VOXBRIDGE_PARENT_CALL": call.call_id}, timeout=t.ring_timeout,
+        )
+        return {"destination": destination, "outcome": outcome}
+
+
+class SendDtmfTool(_AmiTool):
+    name = "send_dtmf"
+    description = "Send DTMF tones (keypad digits) on the call, e.g. to navigate another system's menu."
+    parameters = {
+        "type": "object",
+        "properties": {"digits": {"type": "string", "pattern": DTMF_RE.pattern,
+                                  "description": "digits to send: 0-9, *, #, A-D"}},
+        "required": ["digits"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, call: CallControl, args: dict[str, Any]) -> str:
+        await self.telephony.play_dtmf(call, args["digits"])
+        return f"ok: sent {args['digits']}"
+
+
+AMI_TOOLS: tuple[type[_AmiTool], ...] = (TransferTool, HangupTool, OriginateTool, SendDtmfTool)
