@@ -4,6 +4,7 @@
     voxbridge dial [--to HOST:PORT] [--wav FILE | --tone HZ] [--dtmf 1@2.5] [--record OUT.wav] …
     voxbridge gateway-sim [--listen HOST:PORT] [--api-key KEY] [--scenario FILE]
     voxbridge check-config FILE
+    voxbridge bench [--calls 50,100,…] [--duration S] [--workers W] [--out DIR]
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .gateway import sim
     g = sub.add_parser("gateway-sim", help="run the reference AI gateway (protocol simulator)")
     sim.add_arguments(g)
+
+    from . import bench
+    b = sub.add_parser("bench", help="load benchmark: N simulated calls through the bridge, vs a bare relay")
+    bench.add_arguments(b)
     return p
 
 
@@ -131,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             from .dial import run_dial
             return _run(run_dial(args))
         if args.command == "gateway-sim":
-            from .gateway.sim import run_gateway_sim
+            from .gateway.sim import run_from_args  # --listen is parsed to (host, port), keys to api_keys
             setup_logging("INFO")
-            host, port = parse_hostport(args.listen, "--listen")
-            return _run(run_gateway_sim(host, port, api_keys=set(args.api_key) if args.api_key else None,
-                                        scenario_path=args.scenario, settle_ms=args.settle_ms)) or 0
+            return _run(run_from_args(args)) or 0
+        if args.command == "bench":
+            from .bench import run_bench
+            return _run(run_bench(args))
     except ConfigError as exc:
         print(f"voxbridge: {exc}", file=sys.stderr)
         return 2

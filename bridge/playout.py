@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Callable, Protocol
 
 log = logging.getLogger("voxbridge.playout")
@@ -56,6 +57,9 @@ class PlayoutBuffer:
     def push(self, pcm: bytes) -> None:
         n = self.frame_size
         frames = self._frames
+        if not self._partial and len(pcm) == n and type(pcm) is bytes and len(frames) < self.max_frames:
+            frames.append(pcm)  # the common case: one whole frame, immutable, queued as is
+            return
         if self._partial:
             need = n - len(self._partial)
             self._partial += pcm[:need]
@@ -66,8 +70,9 @@ class PlayoutBuffer:
             self._partial.clear()
         end = len(pcm) - len(pcm) % n
         if end:
-            mv = memoryview(pcm)
-            frames.extend(mv[i:i + n].tobytes() for i in range(0, end, n))
+            if type(pcm) is not bytes:
+                pcm = bytes(pcm)
+            frames.extend([pcm[i:i + n] for i in range(0, end, n)])
         if end < len(pcm):
             self._partial += pcm[end:]
         excess = len(frames) - self.max_frames
@@ -130,6 +135,11 @@ class PlayoutClock:
         self.late_ticks = 0  # ticks that fired more than one period after they were due
         self.skipped_ticks = 0
         self.max_lateness = 0.0
+        # Per tick, in 0.1 ms buckets (the last one is "100 ms or more"): how late it fired on
+        # the monotonic clock, and how long serving every sink took. One increment per tick,
+        # not per call; the load benchmark reads the percentiles from stats().
+        self.lateness_hist = [0] * (_HIST_BUCKETS + 1)
+        self.cost_hist = [0] * (_HIST_BUCKETS + 1)
 
     def __len__(self) -> int:
         return len(self._sinks)
@@ -155,12 +165,15 @@ class PlayoutClock:
         if lateness > self.max_lateness:
             self.max_lateness = lateness
         self.ticks += 1
+        t0 = time.monotonic()
+        self.lateness_hist[min(max(int((t0 - self._next) * 10_000), 0), _HIST_BUCKETS)] += 1
         for key, sink in list(self._sinks.items()):
             try:
                 sink.on_tick()
             except Exception:  # noqa: BLE001 - one broken call must not silence the others
                 log.exception("playout sink failed; removing it")
                 self._sinks.pop(key, None)
+        self.cost_hist[min(int((time.monotonic() - t0) * 10_000), _HIST_BUCKETS)] += 1
         self._next += self.period
         if lateness >= self.period:
             # Held up by a whole period or more: skip what was missed, keep the phase.
@@ -181,5 +194,26 @@ class PlayoutClock:
             "late_ticks": self.late_ticks,
             "skipped_ticks": self.skipped_ticks,
             "max_lateness_ms": round(self.max_lateness * 1000, 3),
+            "lateness_p50_ms": _hist_pct(self.lateness_hist, 50),
+            "lateness_p99_ms": _hist_pct(self.lateness_hist, 99),
+            "tick_cost_p50_ms": _hist_pct(self.cost_hist, 50),
+            "tick_cost_p99_ms": _hist_pct(self.cost_hist, 99),
         }
+
+
+_HIST_BUCKETS = 1000  # × 0.1 ms
+
+
+def _hist_pct(hist: list[int], q: float) -> float | None:
+    """The q-th percentile (ms, upper bucket edge) of a 0.1 ms histogram."""
+    total = sum(hist)
+    if not total:
+        return None
+    rank = total * q / 100
+    acc = 0
+    for i, n in enumerate(hist):
+        acc += n
+        if acc >= rank:
+            return round((i + 1) / 10, 1)
+    return None
 

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.protocol import State
 
 from .base import (
     AudioOut,
@@ -47,6 +48,9 @@ log = logging.getLogger("voxbridge.gateway")
 UPLINK_BUFFER_MS = 2000
 #: Largest message we accept from the gateway (a burst of AI audio is ~100 ms–1 s).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Caller frames are written straight to the socket while less than this waits in the transport;
+#: above it they go through the queue and the sender task, which waits for the socket to drain.
+DIRECT_WRITE_LIMIT = 64 * 1024
 
 
 def build_config(setup: SessionSetup, api_key: str) -> dict[str, Any]:
@@ -159,6 +163,7 @@ class AillomVoxGateway(Gateway):
         self._uplink_limit = 0
         self._uplink_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        self._direct = False  # settled and the queue drained: write frames from send_audio itself
         self._closed = False
         self.sample_rate = 8000
         self._stats = {"frames_up": 0, "bytes_up": 0, "frames_down": 0, "bytes_down": 0, "dropped_up": 0}
@@ -202,13 +207,33 @@ class AillomVoxGateway(Gateway):
     def send_audio(self, pcm: bytes) -> None:
         if self._closed or not pcm:
             return
+        if self._direct and not self._uplink:
+            # Hot path (50 times a second per call): frame the message and write it now, from the
+            # AudioSocket read callback: no task switch, no per-frame coroutine. The order with
+            # queued and JSON messages holds: websockets frames every message synchronously when
+            # it is sent, and the queue is empty here.
+            ws = self._ws
+            assert ws is not None
+            if (ws.protocol.state is State.OPEN and ws.send_in_progress is None
+                    and ws.transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT):
+                try:
+                    ws.protocol.send_binary(pcm)
+                    ws.send_data()
+                except Exception:  # noqa: BLE001 - closing underneath us: the receive side reports it
+                    self._direct = False
+                    return
+                stats = self._stats
+                stats["frames_up"] += 1
+                stats["bytes_up"] += len(pcm)
+                return
+            # Back-pressure (or closing): queue, and let the sender wait for the socket to drain.
         self._uplink.append(pcm)
         self._uplink_bytes += len(pcm)
         settling = self._ws is None or asyncio.get_running_loop().time() < self._settled_at
         limit = self._settle_limit if settling else self._uplink_limit
         while self._uplink_bytes > limit and self._uplink:
-            # Oldest first: during settle we keep the most recent speech; later, a gateway
-            # that cannot keep up loses stale audio rather than falling ever further behind.
+            # Oldest first: during settle we keep the most recent speech; later, a gateway that
+            # cannot keep up loses stale audio rather than falling ever further behind.
             self._uplink_bytes -= len(self._uplink.popleft())
             self._stats["dropped_up"] += 1
         self._uplink_ready.set()
@@ -229,6 +254,8 @@ class AillomVoxGateway(Gateway):
                     await ws.send(pcm)  # one message per frame: 20 ms granularity, never batched
                     self._stats["frames_up"] += 1
                     self._stats["bytes_up"] += len(pcm)
+                # Settled and caught up: send_audio writes directly again until the next backlog.
+                self._direct = True
         except websockets.exceptions.ConnectionClosed:
             pass  # the receive side reports Closed
 

@@ -148,6 +148,22 @@ Scripting
         ``tool_call`` also takes ``call_id`` (default: generated), ``wait`` (default true) and
         ``timeout_ms`` (default 15000). Unknown keys are rejected when the file is loaded.
 
+Bench echo mode (opt-in, default off; ``GatewaySim(bench_echo=True)`` / ``--bench-echo``)
+    For the load benchmark (``voxbridge bench``). No greeting, no VAD, no scenario, no audio
+    recording: every binary frame from the client is returned at once. A frame that starts with
+    the 4 bytes ``VXBM`` carries a 64-byte little-endian marker the sim stamps before echoing::
+
+        0 magic "VXBM" | 4 u8 kind (1 caller frame, 2 burst frame) | 8 u32 caller | 12 u32 seq
+        16 u32 first skipped seq | 20 u32 skipped count | 24 f64 caller send time
+        32 f64 sim receive time | 40 f64 sim send time | 48 f64 clear sent at | 56 f64 tool RTT
+
+    (times are ``time.monotonic()``, the same clock in every process of one machine). Every
+    ``bench_barge_every_s`` (first at a random offset) a session stops echoing, sends 200 ms of
+    kind-2 frames as one burst, sends ``playback_clear_buffer`` 100 ms later and resumes: the next
+    echoed frame carries when the clear was sent and which seqs were not echoed. Every
+    ``bench_tool_every_s`` it sends a ``tool_call`` of ``bench_tool`` (args ``{}``) and reports the
+    round trip (tool_call sent to tool_result received) in the next echoed frame.
+
 CLI
     ``add_arguments(parser)`` and ``run_gateway_sim(...)`` (see below); ``python -m
     bridge.gateway.sim --listen 127.0.0.1:8765`` also works stand-alone. Logs go to the
@@ -172,6 +188,7 @@ import json
 import logging
 import math
 import os
+import struct
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -223,6 +240,14 @@ CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
 _MAX_CLOSE_REASON_BYTES = 123
 _MAX_MESSAGE_TYPES = 64  # distinct client message types kept for wait_message (bounded memory)
+
+# Bench echo marker (see "Bench echo mode" above).
+_BENCH_MAGIC = b"VXBM"
+_BENCH_MARK = struct.Struct("<4sB3xIIIIddddd")
+_BENCH_U32 = struct.Struct("<I")
+_BENCH_2U32 = struct.Struct("<II")
+_BENCH_3F64 = struct.Struct("<ddd")
+_BENCH_F64 = struct.Struct("<d")
 
 SCENARIO_EVENTS = frozenset({"speech_start", "speech_end", "barge_in", "tool_result", "greeting_done"})
 
@@ -897,6 +922,9 @@ class SimSession:
             return
         if not await self._handle_config(first):
             return
+        if self._sim.bench_echo:
+            await self._bench_run()
+            return
         log.info("session %d start: %s", self.index, json.dumps(_redacted_config(self.config or {})))
         self._vad = _Vad(self._sim.vad, self.sample_rate)
         self._spawn(self._governance(), "governance")
@@ -910,6 +938,98 @@ class SimSession:
                     await self._on_text(message)
         except (ConnectionClosed, SessionClosed):
             pass  # closed by the client, or by one of our tasks while we were answering
+
+    # ---- bench echo mode (opt-in; see the module docstring) ------------------------------------
+
+    async def _bench_run(self) -> None:
+        self._bench_hold = False
+        self._bench_skip: list[int] = []  # [first seq, count] of frames not echoed during a barge-in
+        self._bench_clear_at = 0.0
+        self._bench_tool_rtt = 0.0
+        sim = self._sim
+        if sim.bench_barge_every_s > 0:
+            self._spawn(self._bench_barge_loop(sim.bench_barge_every_s), "bench-barge")
+        if sim.bench_tool_every_s > 0:
+            self._spawn(self._bench_tool_loop(sim.bench_tool_every_s), "bench-tool")
+        try:
+            async for message in self._ws:
+                if isinstance(message, bytes):
+                    self._bench_echo(message)
+                else:
+                    await self._on_text(message)
+        except (ConnectionClosed, SessionClosed):
+            pass
+
+    def _bench_echo(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.audio_bytes_total += len(data)
+        marked = len(data) >= _BENCH_MARK.size and data.startswith(_BENCH_MAGIC)
+        if self._bench_hold:
+            if marked:
+                seq = _BENCH_U32.unpack_from(data, 12)[0]
+                if self._bench_skip:
+                    self._bench_skip[1] += 1
+                else:
+                    self._bench_skip = [seq, 1]
+            return
+        if marked:
+            buf = bytearray(data)
+            if self._bench_skip:
+                _BENCH_2U32.pack_into(buf, 16, *self._bench_skip)
+                self._bench_skip = []
+            _BENCH_3F64.pack_into(buf, 48 - 16, now, 0.0, self._bench_clear_at)
+            _BENCH_F64.pack_into(buf, 56, self._bench_tool_rtt)
+            self._bench_clear_at = self._bench_tool_rtt = 0.0
+            _BENCH_F64.pack_into(buf, 40, time.monotonic())
+            data = buf
+        self._bench_send(data)
+
+    def _bench_send(self, data: bytes | bytearray) -> None:
+        """Write one binary frame now, without a task switch (ordered with awaited sends, which
+        also write synchronously); fall back to an awaited send under back-pressure."""
+        ws = self._ws
+        transport = ws.transport
+        if (ws.protocol.state is State.OPEN and ws.send_in_progress is None
+                and transport.get_write_buffer_size() < 256 * 1024):
+            ws.protocol.send_binary(data)
+            ws.send_data()
+            self.sent_audio_bytes += len(data)
+        else:
+            self._spawn(self._send(bytes(data)), "bench-send")
+
+    async def _bench_barge_loop(self, every: float) -> None:
+        import random
+
+        await asyncio.sleep(random.uniform(0.5, every))
+        frame = 2 * self.sample_rate * 20 // 1000
+        one = bytearray(frame)
+        _BENCH_MARK.pack_into(one, 0, _BENCH_MAGIC, 2, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        burst = bytes(one) * 10  # 200 ms of "AI speech", sent at once like a real gateway
+        while True:
+            self._bench_hold = True
+            self._bench_send(burst)
+            await asyncio.sleep(0.1)
+            clear_at = time.monotonic()
+            self._clear_gen += 1
+            await self._send(json.dumps({"type": "playback_clear_buffer"}))
+            self._bench_clear_at = clear_at
+            self.barge_ins += 1
+            self._bench_hold = False
+            await asyncio.sleep(every)
+
+    async def _bench_tool_loop(self, every: float) -> None:
+        import random
+
+        await asyncio.sleep(random.uniform(0.5, every))
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self.call_tool(self._sim.bench_tool, {}, timeout=15)
+            except TimeoutError:
+                log.warning("session %d: bench tool call got no result within 15 s", self.index)
+            else:
+                self._bench_tool_rtt = time.monotonic() - t0
+            await asyncio.sleep(every)
 
     async def _handle_config(self, first: str | bytes) -> bool:
         if isinstance(first, bytes):
@@ -1184,6 +1304,10 @@ class GatewaySim:
         hangup_grace_s: float = 1.0,
         farewell_lead_s: float = 15.0,
         max_duration_override_s: float | None = None,
+        bench_echo: bool = False,
+        bench_barge_every_s: float = 0.0,
+        bench_tool_every_s: float = 0.0,
+        bench_tool: str = "bench_noop",
     ) -> None:
         if settle_ms < 0 or burst_chunk_ms <= 0 or audio_cap_bytes < 0 or max_messages <= 0:
             raise ValueError("settle_ms, audio_cap_bytes must be >= 0; burst_chunk_ms, max_messages > 0")
@@ -1203,6 +1327,10 @@ class GatewaySim:
         self.hangup_grace_s = hangup_grace_s
         self.farewell_lead_s = farewell_lead_s
         self.max_duration_override_s = max_duration_override_s
+        self.bench_echo = bench_echo
+        self.bench_barge_every_s = bench_barge_every_s
+        self.bench_tool_every_s = bench_tool_every_s
+        self.bench_tool = bench_tool
         self.sessions: collections.deque[SimSession] = collections.deque(maxlen=keep_sessions)
         self.url: str | None = None
         self.host: str | None = None
@@ -1313,14 +1441,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--settle-ms", type=int, default=500, metavar="MS",
         help="after the config, caller audio is ignored for this long (default 500, like the real gateway)",
     )
+    bench = parser.add_argument_group("bench echo mode (for voxbridge bench; off by default)")
+    bench.add_argument("--bench-echo", action="store_true",
+                       help="return every audio frame at once, stamping VXBM markers (no VAD, greeting or scenario)")
+    bench.add_argument("--bench-barge-every", type=float, default=0.0, metavar="S",
+                       help="with --bench-echo: a 200 ms burst then playback_clear_buffer every S seconds per session")
+    bench.add_argument("--bench-tool-every", type=float, default=0.0, metavar="S",
+                       help="with --bench-echo: a tool_call every S seconds per session")
+    bench.add_argument("--bench-tool", default="bench_noop", metavar="NAME", help="the tool --bench-tool-every calls")
 
 
 async def run_gateway_sim(
-    host: str, port: int, *, api_keys: set[str] | None, scenario_path: str | None, settle_ms: int
+    host: str, port: int, *, api_keys: set[str] | None, scenario_path: str | None, settle_ms: int,
+    **bench: Any,
 ) -> None:
-    """Serve the simulator until cancelled."""
+    """Serve the simulator until cancelled. ``bench``: the ``bench_*`` options of :class:`GatewaySim`."""
     scenario = load_scenario(scenario_path) if scenario_path else None
-    sim = GatewaySim(accepted_keys=api_keys, scenario=scenario, settle_ms=settle_ms, keep_sessions=32)
+    sim = GatewaySim(accepted_keys=api_keys, scenario=scenario, settle_ms=settle_ms, keep_sessions=32, **bench)
     await sim.start(host, port)
     log.info(
         "gateway sim listening on %s (api keys: %s, scenario: %s, settle %d ms)",
@@ -1341,16 +1478,35 @@ async def run_from_args(args: argparse.Namespace) -> None:
     host, port = args.listen
     await run_gateway_sim(
         host, port, api_keys=set(args.api_keys) if args.api_keys else None,
-        scenario_path=args.scenario, settle_ms=args.settle_ms,
+        scenario_path=args.scenario, settle_ms=args.settle_ms, **bench_options(args),
     )
+
+
+def bench_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``bench_*`` keyword arguments of :class:`GatewaySim` from parsed options."""
+    return {
+        "bench_echo": getattr(args, "bench_echo", False),
+        "bench_barge_every_s": getattr(args, "bench_barge_every", 0.0),
+        "bench_tool_every_s": getattr(args, "bench_tool_every", 0.0),
+        "bench_tool": getattr(args, "bench_tool", "bench_noop"),
+    }
 
 
 def _main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bridge.gateway.sim", description="AillomVox gateway simulator")
     add_arguments(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.bench_echo else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.bench_echo and os.environ.get("VOXBRIDGE_NO_UVLOOP") is None:
+            try:
+                import uvloop
+            except ImportError:
+                uvloop = None
+            if uvloop is not None:
+                uvloop.run(run_from_args(args))
+                return
         asyncio.run(run_from_args(args))
     except KeyboardInterrupt:
         pass
