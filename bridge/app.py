@@ -14,21 +14,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
+import uuid
 from typing import Any, Callable
+from urllib.parse import urlencode
 
-from tools.ami import AMI_TOOLS, Telephony
-from tools.base import Tool, ToolRegistry
+import httpx
+
+from tools.ami import AMI_TOOLS, NotAllowed, Telephony
+from tools.base import Tool, ToolError, ToolRegistry
 from tools.builtin import BUILTINS
+from tools.http import build_http_tools, make_client
 
 from .ami import AmiClient, AmiError
 from .channels import ChannelTracker
-from .config import Config, ConfigError, Fallback, parse_hostport
+from .config import Config, ConfigError, Fallback, is_loopback, parse_hostport
 from .events import EventBus
 from .gateway.aillomvox import AillomVoxGateway
 from .gateway.base import Gateway
 from .playout import PlayoutClock
 from .server import AudioSocketConnection, start_server
 from .session import CallSession, CallSettings
+from .store import CallStore
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("voxbridge")
 
@@ -43,7 +51,8 @@ def make_telephony(config: Config, ami: AmiClient | None = None) -> Telephony:
                      ring_timeout=o.ring_timeout, caller_id=o.caller_id)
 
 
-def build_tools(config: Config, extra: list[Tool] | None = None, telephony: Telephony | None = None) -> ToolRegistry:
+def build_tools(config: Config, extra: list[Tool] | None = None, telephony: Telephony | None = None,
+                http_client: Any = None) -> ToolRegistry:
     """The registry every call draws from: built-ins, telephony tools, configured tools, ``extra``."""
     registry = ToolRegistry()
     for cls in BUILTINS.values():
@@ -51,6 +60,8 @@ def build_tools(config: Config, extra: list[Tool] | None = None, telephony: Tele
     telephony = telephony or make_telephony(config)
     for ami_cls in AMI_TOOLS:
         registry.register(ami_cls(telephony))
+    for tool in build_http_tools(config.tools, http_client):
+        registry.register(tool)
     for tool in extra or []:
         registry.register(tool)
     return registry
@@ -83,7 +94,20 @@ class Bridge:
                                  action_timeout=a.action_timeout, ping_interval=a.ping_interval)
             self.channels.attach(self.ami)
         self.telephony = make_telephony(config, self.ami)
-        self.tools = build_tools(config, tools, self.telephony)
+        self.http = make_client()
+        try:
+            self.tools = build_tools(config, tools, self.telephony, self.http)
+        except ValueError as exc:  # e.g. an http tool header names a missing environment variable
+            raise ConfigError(str(exc)) from None
+        self._call_rules = [re.compile(p) for p in config.allow.calls]
+        #: Calls started through the API, waiting for their AudioSocket connection (by UUID).
+        self.pending: dict[str, CallSettings] = {}
+        self.known_ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.store: CallStore | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self._webhook_http: httpx.AsyncClient | None = None
+        self.api: Any = None
         errors, warnings = config.problems(self.tools.names)
         if config.gateway.url and not config.gateway.api_key and gateway_factory is None:
             errors.append("gateway.api_key: required when gateway.url is set (or set VOXBRIDGE_GATEWAY_API_KEY)")
@@ -104,11 +128,29 @@ class Bridge:
             self.gateway_url = self._sim.url
             log.warning("no gateway.url configured: using the embedded reference gateway at %s (demo mode)",
                         self.gateway_url)
+        api_host, api_port = parse_hostport(cfg.api.listen, "api.listen")
+        if cfg.api.enabled and not is_loopback(api_host) and cfg.api.token is None:
+            raise ConfigError(f"api.listen {cfg.api.listen} is not a loopback address: set api.token "
+                              "(VOXBRIDGE_API_TOKEN) or listen on 127.0.0.1")
+        self.store = CallStore(cfg.store.path, cfg.store.redact_args)
+        await self.store.start()
+        self.events.add_sink(self.store.record)
+        # Webhooks get their own client: the tools' client carries tool-specific defaults.
+        self._webhook_http = httpx.AsyncClient(follow_redirects=False, timeout=10.0)
+        # 6 attempts, waits of 2+4+8+16+30 s: a subscriber down for about a minute misses nothing.
+        self.webhooks = WebhookDispatcher(self.store, self._webhook_http, max_attempts=6, backoff_base=2.0)
+        await self.webhooks.start()
+        self.events.add_sink(self.webhooks.offer)
         if self.ami is not None:
             await self.ami.start()  # connects (and reconnects) in the background
         host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
         self._server = await start_server(self, host, port, reuse_port=cfg.audiosocket.reuse_port)
         log.info("AudioSocket listening on %s:%d (max %d calls)", *self.audiosocket_address, cfg.audiosocket.max_calls)
+        if cfg.api.enabled:
+            from .api import ApiServer
+
+            self.api = ApiServer(self, api_host, api_port)
+            await self.api.start()
 
     @property
     def audiosocket_address(self) -> tuple[str, int]:
@@ -120,6 +162,8 @@ class Bridge:
         """Stop accepting, end every call (the dialplan continues for each), then close."""
         if self._server is not None:
             self._server.close()
+        for task in list(self._background):
+            task.cancel()
         sessions = list(self.sessions.values())
         if sessions:
             log.info("shutting down: ending %d call(s)", len(sessions))
@@ -140,6 +184,17 @@ class Bridge:
             self._sim = None
         if self.ami is not None:
             await self.ami.stop()
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+        if self.webhooks is not None:
+            await self.webhooks.close()  # after the calls: their call.ended gets a chance to go out
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self._webhook_http is not None:
+            await self._webhook_http.aclose()
+        await self.http.aclose()
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -172,16 +227,20 @@ class Bridge:
 
     def session_ended(self, session: CallSession) -> None:
         self.sessions.pop(session.call_id, None)
+        self.known_ended[session.call_id] = None
+        while len(self.known_ended) > 10000:
+            self.known_ended.popitem(last=False)
 
     async def resolve_settings(self, session: CallSession) -> CallSettings:
         """Per-call settings: API request, then dialplan (AMI channel variables), then defaults."""
-        settings = CallSettings()
+        api_request = self.pending.pop(session.call_id, None)
+        settings = api_request or CallSettings()
         if self.ami is None:
             return settings
         cfg = self.config
         channel = await self.channels.wait_for(session.call_id, cfg.ami.channel_wait)
         if channel is None:
-            if cfg.audiosocket.unknown_uuid == "refuse":
+            if cfg.audiosocket.unknown_uuid == "refuse" and api_request is None:
                 settings.refuse = "no Asterisk channel claims this UUID (audiosocket.unknown_uuid: refuse)"
             else:
                 session.log.warning("no Asterisk channel claims this UUID within %.1f s: tools that need the "
@@ -189,6 +248,8 @@ class Bridge:
                                     cfg.ami.channel_wait)
             return settings
         settings.channel = channel
+        if api_request is not None:
+            return settings  # the API request's profile and variables win over the dialplan's
         values = dict(channel.variables)
         for name in ("AS_PROFILE", "AS_VARS"):
             if name not in values:  # not in manager.conf channelvars: ask
@@ -236,6 +297,109 @@ class Bridge:
         except AmiError as exc:
             session.note_handoff(None)
             session.log.error("fallback %s failed: %s (returning to the dialplan)", fallback.action, exc)
+
+
+    # ------------------------------------------------------------------ API operations
+
+    async def start_outbound_call(self, req: Any) -> str:
+        """Dial ``req.destination`` over AMI; the answered callee reaches the AI with this call's UUID.
+
+        Raises NotAllowed (destination not in allow.calls), LookupError (unknown profile),
+        ToolError (no AMI). Returns at once; the outcome arrives as events.
+        """
+        cfg = self.config
+        self.telephony.check_originate("api", req.destination, rules=self._call_rules)
+        if req.profile is not None and req.profile not in cfg.profiles:
+            raise LookupError(f"no profile {req.profile!r} (profiles: {', '.join(cfg.profiles)})")
+        if self.ami is None:
+            raise ToolError("starting calls needs AMI (ami.enabled: true)")
+        if not self.ami.connected.is_set():
+            raise ToolError(f"Asterisk is not connected ({self.ami.last_error or 'connecting'})")
+        call_id = str(uuid.uuid4())
+        overrides = {k: getattr(req, k) for k in ("prompt", "first_message", "voice", "language")
+                     if getattr(req, k) is not None}
+        profile = req.profile or cfg.default_profile
+        self.pending[call_id] = CallSettings(profile=profile, variables=dict(req.variables),
+                                             metadata=dict(req.metadata), overrides=overrides, direction="outbound")
+        self.store.record_dialing(call_id, "outbound", profile, req.destination, dict(req.metadata))
+        task = asyncio.create_task(self._dial(call_id, req, profile), name=f"dial-{call_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        log.info("[%s] API call to %s (profile %s)", call_id, req.destination, profile)
+        return call_id
+
+    async def _dial(self, call_id: str, req: Any, profile: str) -> None:
+        o = self.config.outbound
+        variables = {"AS_UUID": call_id, "AS_PROFILE": profile, "AS_VARS": urlencode(req.variables)}
+        try:
+            outcome = await self.telephony.originate(
+                req.destination, channel_template=o.channel, context=o.context, exten=o.exten,
+                variables=variables, timeout=o.ring_timeout, caller_id=req.caller_id or o.caller_id)
+            message = outcome
+        except ToolError as exc:
+            outcome, message = "failed", str(exc)
+        if outcome == "answered":
+            # Answered: the AudioSocket connection should follow. If it does not, say so.
+            await asyncio.sleep(o.answer_timeout)
+            outcome, message = "no-audiosocket", f"answered, but no AudioSocket connection within {o.answer_timeout:g} s"
+        if self.pending.pop(call_id, None) is not None:
+            log.warning("[%s] API call to %s failed: %s", call_id, req.destination, message)
+            self.events.publish("call.failed", call_id, reason=outcome.replace(" ", "-"), message=message,
+                                destination=req.destination, metadata=dict(req.metadata), direction="outbound")
+
+    async def hangup_call(self, session: CallSession, reason: str) -> None:
+        if self.ami is not None and session.channel is not None and self.ami.connected.is_set():
+            session.note_handoff(reason)
+            try:
+                await self.telephony.hangup(session)
+                return
+            except ToolError as exc:
+                session.note_handoff(None)
+                session.log.warning("AMI hangup failed (%s): ending the AudioSocket session instead", exc)
+        session.end(reason)
+
+    def _live_info(self, session: CallSession) -> dict[str, Any]:
+        info = session.info()
+        info["tools"] = [{"tool": o.name, "outcome": o.outcome, "duration_ms": round(o.duration_ms, 1)}
+                         for o in (session.router.outcomes if session.router else [])]
+        info.setdefault("ended_at", None)
+        return info
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        session = self.sessions.get(call_id)
+        if session is not None:
+            return self._live_info(session)
+        return await self.store.get_call(call_id)
+
+    async def list_calls(self, state: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        calls = await self.store.list_calls(state, limit, offset)
+        return [self._live_info(self.sessions[c["call_id"]]) if c["call_id"] in self.sessions else c
+                for c in calls]
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition (hand-written: a handful of series, no extra dependency)."""
+        m = self.metrics
+        clock = self.clock.stats()
+        lines = [
+            "# HELP voxbridge_calls_active Calls in progress.", "# TYPE voxbridge_calls_active gauge",
+            f"voxbridge_calls_active {len(self.sessions)}",
+            "# HELP voxbridge_calls_total Calls accepted since start.", "# TYPE voxbridge_calls_total counter",
+            f"voxbridge_calls_total {m['calls_total']}",
+            "# HELP voxbridge_calls_refused_total Calls refused (capacity, unknown UUID).",
+            "# TYPE voxbridge_calls_refused_total counter", f"voxbridge_calls_refused_total {m['calls_refused']}",
+            "# HELP voxbridge_protocol_errors_total AudioSocket connections closed for malformed input.",
+            "# TYPE voxbridge_protocol_errors_total counter", f"voxbridge_protocol_errors_total {m['protocol_errors']}",
+            "# HELP voxbridge_playout_late_ticks_total Playout ticks that fired a whole period late.",
+            "# TYPE voxbridge_playout_late_ticks_total counter", f"voxbridge_playout_late_ticks_total {clock['late_ticks']}",
+            "# HELP voxbridge_playout_max_lateness_seconds Worst playout tick lateness since start.",
+            "# TYPE voxbridge_playout_max_lateness_seconds gauge",
+            f"voxbridge_playout_max_lateness_seconds {clock['max_lateness_ms'] / 1000:.6f}",
+            "# HELP voxbridge_ami_connected 1 if the AMI connection is up.", "# TYPE voxbridge_ami_connected gauge",
+            f"voxbridge_ami_connected {int(bool(self.ami and self.ami.connected.is_set()))}",
+        ]
+        for outcome, n in sorted((k[len("tool_"):], v) for k, v in m.items() if k.startswith("tool_")):
+            lines.append(f'voxbridge_tool_calls_total{{outcome="{outcome}"}} {n}')
+        return "\n".join(lines) + "\n"
 
 
 def parse_vars(text: str) -> dict[str, str]:

@@ -206,6 +206,8 @@ class Allowlist(_Model):
         default_factory=list, description="'context,exten-regex' entries, e.g. 'operators,1\\d\\d' (full match)"
     )
     originate: list[str] = Field(default_factory=list, description="regexes a destination must fully match")
+    calls: list[str] = Field(default_factory=list,
+                             description="destinations the API may start AI calls to (regexes, full match)")
 
     @field_validator("transfer")
     @classmethod
@@ -217,7 +219,7 @@ class Allowlist(_Model):
             _regex(exten.strip())
         return v
 
-    @field_validator("originate")
+    @field_validator("originate", "calls")
     @classmethod
     def _originate_rules(cls, v: list[str]) -> list[str]:
         for p in v:
@@ -247,6 +249,19 @@ class OriginateConfig(_Model):
         if "{destination}" not in v:
             raise ValueError("must contain {destination}")
         return v
+
+
+class OutboundConfig(_Model):
+    """AI calls started through the API: how to dial, and where the answered callee goes (the AI)."""
+
+    channel: str = Field("PJSIP/{destination}", description="dial string; {destination} is filled in")
+    context: str = "voxbridge-outbound-ai"
+    exten: str = "s"
+    ring_timeout: float = Field(30.0, gt=0, le=300)
+    caller_id: str | None = None
+    answer_timeout: float = Field(15.0, gt=0, description="answered, but no AudioSocket this long: failed")
+
+    _v = field_validator("channel")(lambda v: OriginateConfig._has_destination(v))
 
 
 class ApiConfig(_Model):
@@ -295,6 +310,7 @@ class Config(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     allow: Allowlist = Field(default_factory=Allowlist)
     originate: OriginateConfig = Field(default_factory=OriginateConfig)
+    outbound: OutboundConfig = Field(default_factory=OutboundConfig)
     tool_deadline: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX)
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
     default_profile: str = "default"

@@ -184,7 +184,7 @@ class CallSession(CallControl):
             self.end("refused: " + settings.refuse)
             return
         self._apply_settings(settings)
-        bridge.events.publish("call.started", self.call_id, **self._summary())
+        self._publish("call.started", self.call_id, **self._summary())
         if self.end_reason is not None:
             return
         profile = self.profile
@@ -224,7 +224,7 @@ class CallSession(CallControl):
             raise
         self.gateway = gateway
         self.answered = True
-        bridge.events.publish("call.answered", self.call_id, profile=self.profile_name)
+        self._publish("call.answered", self.call_id, profile=self.profile_name)
         self._init_uplink()
         while self._preconnect:
             gateway.send_audio(self._preconnect.popleft())
@@ -248,8 +248,10 @@ class CallSession(CallControl):
             self.variables.setdefault("caller_id", s.channel.caller_num)
             self.variables.setdefault("caller_name", s.channel.caller_name)
 
-    def set_channel(self, channel: ChannelInfo) -> None:
-        self._channel = channel
+    def _publish(self, type: str, call_id: str, **data: Any) -> None:
+        """Publish a call event; every event echoes the call's metadata (from the API request)."""
+        data.setdefault("metadata", dict(self.metadata))
+        self.bridge.events.publish(type, call_id, **data)
 
     def _summary(self) -> dict[str, Any]:
         ctx = self.context()
@@ -315,7 +317,7 @@ class CallSession(CallControl):
                 if event.final:
                     item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
                     self.transcript.append(item)
-                    self.bridge.events.publish("transcript", self.call_id, **item)
+                    self._publish("transcript", self.call_id, **item)
             elif isinstance(event, RemoteHangup):
                 self.log.info("gateway hung up")
                 self.end("gateway-hangup", after_speech=True, tail=0)
@@ -336,7 +338,7 @@ class CallSession(CallControl):
             self.end("max-duration", after_speech=True, tail=0)
             return
         self.log.error("gateway error: %s", message)
-        self.bridge.events.publish("call.failed", self.call_id, reason="gateway-error", message=message)
+        self._publish("call.failed", self.call_id, reason="gateway-error", message=message)
         await self._fallback(f"gateway error: {message}")
 
     async def _fallback(self, why: str) -> None:
@@ -382,7 +384,7 @@ class CallSession(CallControl):
         self.end("max-duration")
 
     def on_dtmf(self, digit: str) -> None:
-        self.bridge.events.publish("dtmf", self.call_id, digit=digit)
+        self._publish("dtmf", self.call_id, digit=digit)
         action = self.profile.dtmf.get(digit)
         if action is None or self.router is None:
             self.log.info("DTMF %s (no shortcut)", digit)
@@ -400,11 +402,12 @@ class CallSession(CallControl):
     # ------------------------------------------------------------------ tools → events
 
     def _tool_called(self, o: ToolOutcome) -> None:
-        self.bridge.events.publish("tool.called", self.call_id, tool=o.name, tool_call_id=o.call_id,
+        self._publish("tool.called", self.call_id, tool=o.name, tool_call_id=o.call_id,
                                    args=o.args, origin=o.origin)
 
     def _tool_completed(self, o: ToolOutcome) -> None:
-        self.bridge.events.publish("tool.completed", self.call_id, tool=o.name, tool_call_id=o.call_id,
+        self.bridge.metrics["tool_" + o.outcome] += 1
+        self._publish("tool.completed", self.call_id, tool=o.name, tool_call_id=o.call_id,
                                    outcome=o.outcome, result=o.result, duration_ms=round(o.duration_ms, 1),
                                    origin=o.origin)
 
@@ -438,7 +441,7 @@ class CallSession(CallControl):
         self.conn.hangup()
         duration = time.monotonic() - self._t0
         self.bridge.session_ended(self)
-        self.bridge.events.publish(
+        self._publish(
             "call.ended", self.call_id, reason=reason, duration_s=round(duration, 3),
             transcript=list(self.transcript),
             tools=[{"tool": o.name, "outcome": o.outcome, "duration_ms": round(o.duration_ms, 1)}

@@ -29,6 +29,10 @@ DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
 SPEECH_WAIT_S = 5.0
 
 
+class NotAllowed(ToolError):
+    """The target is not in the allowlist (a security refusal, not a failure)."""
+
+
 @dataclass(frozen=True)
 class TransferRule:
     context: str
@@ -83,13 +87,13 @@ class Telephony:
                 return rule.context, exten
         security.warning("SECURITY refused transfer of call %s to %s,%s (not in allow.transfer)",
                          call.call_id, context or "*", exten)
-        raise ToolError(f"transfers to {exten!r}{' in ' + context if context else ''} are not allowed")
+        raise NotAllowed(f"transfers to {exten!r}{' in ' + context if context else ''} are not allowed")
 
-    def check_originate(self, call_id: str, destination: str) -> None:
-        if not any(_full(p, destination) for p in self.originate_rules):
+    def check_originate(self, call_id: str, destination: str, rules: list[re.Pattern[str]] | None = None) -> None:
+        if not any(_full(p, destination) for p in (self.originate_rules if rules is None else rules)):
             security.warning("SECURITY refused originate from call %s to %r (not in allow.originate)",
                              call_id, destination)
-            raise ToolError(f"calling {destination!r} is not allowed")
+            raise NotAllowed(f"calling {destination!r} is not allowed")
 
     # -- actions
 

@@ -9,10 +9,16 @@ Raise :class:`ToolError` with a sentence the AI can repeat to the caller.
 from __future__ import annotations
 
 import abc
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 import jsonschema
+
+
+#: The id of the tool call being run (set by the router in each tool's task): HTTP tools send it
+#: as an idempotency key, so a workflow that is retried can recognise the same request.
+TOOL_CALL_ID: contextvars.ContextVar[str] = contextvars.ContextVar("voxbridge_tool_call_id", default="")
 
 
 class ToolError(Exception):

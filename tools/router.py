@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .base import CallControl, ToolError, ToolRegistry
+from .base import TOOL_CALL_ID, CallControl, ToolError, ToolRegistry
 
 log = logging.getLogger("voxbridge.tools")
 
@@ -113,6 +113,7 @@ class ToolRouter:
         self.dispatch(f"{origin}-{self._local_seq}", name, args, origin=origin)
 
     async def _run(self, outcome: ToolOutcome, tool: Any, budget: float) -> None:
+        TOOL_CALL_ID.set(outcome.call_id)  # this task's own context: visible to the tool only
         try:
             try:
                 async with asyncio.timeout(budget):

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typing import Callable
+
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -97,6 +99,32 @@ def asterisk(asterisk_root: Path, tmp_path: Path) -> AsteriskSandbox:
     finally:
         sandbox.stop()
         sandbox.cleanup()  # logs were copied into tmp_path by stop()
+
+
+@pytest.fixture
+def make_asterisk(asterisk_root: Path, tmp_path: Path):
+    """``make_asterisk(extra)`` → a started AsteriskSandbox with dialplan appended; stopped after.
+
+    ``extra`` is dialplan text, or a function of the (not yet started) sandbox returning it —
+    for dialplan that must name the sandbox's ports.
+    """
+    started: list[AsteriskSandbox] = []
+
+    def factory(extra: str | Callable[[AsteriskSandbox], str] = "") -> AsteriskSandbox:
+        sandbox = AsteriskSandbox(asterisk_root, tmp_path / f"asterisk-{len(started)}", free_port(), free_port())
+        sandbox.extra_dialplan = extra(sandbox) if callable(extra) else extra
+        try:
+            sandbox.start()
+        except BaseException:
+            sandbox.cleanup()
+            raise
+        started.append(sandbox)
+        return sandbox
+
+    yield factory
+    for sandbox in started:
+        sandbox.stop()
+        sandbox.cleanup()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from bridge.gateway.sim import GatewaySim
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
-from .conftest import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -25,16 +24,11 @@ KEY = "e2e-key"
 
 
 @pytest.fixture
-def asterisk_with_examples(asterisk_root, tmp_path):
-    sandbox = AsteriskSandbox(asterisk_root, tmp_path / "asterisk", free_port(), free_port())
+def asterisk_with_examples(make_asterisk):
+    # The shipped dialplan as written; only the bridge's port is the sandbox's (the harness
+    # points AudioSocket at its own port, so both contexts reach the same bridge).
     text = (EXAMPLES / "asterisk" / "extensions.conf").read_text()
-    sandbox.extra_dialplan = text.replace("127.0.0.1:9000", f"127.0.0.1:{sandbox.audiosocket_port}")
-    sandbox.start()
-    try:
-        yield sandbox
-    finally:
-        sandbox.stop()
-        sandbox.cleanup()
+    return make_asterisk(lambda sandbox: text.replace("127.0.0.1:9000", f"127.0.0.1:{sandbox.audiosocket_port}"))
 
 
 @pytest.fixture

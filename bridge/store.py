@@ -1,0 +1,624 @@
+"""Call history and webhook subscriptions, in SQLite.
+
+Writes come from the media path: :meth:`CallStore.record` is an :class:`~bridge.events.EventBus`
+sink, so it only appends to a bounded in-memory queue (O(1), never blocks, never raises). One
+writer task (started when the queue fills, gone when it is empty) drains that queue in order and
+applies it in batches, one transaction per batch, on the store's own thread: SQLite I/O never runs on the event loop. When the queue is full, new
+events are dropped and counted (:attr:`CallStore.dropped`) rather than delaying a call.
+
+Reads are async and run on the same thread, after the writes that were queued before them
+(read-your-writes: ``record_dialing`` then ``get_call`` finds the call).
+
+Only what the history needs is kept: one ``calls`` row per call, its final ``transcripts`` and
+its ``tool_calls`` (arguments redacted by name). Calls that were not over when the process
+stopped are closed as ``ended`` / ``bridge-restart`` when the store starts again: their sessions
+died with the process.
+
+All access goes through one connection on one thread. That serialises reads behind write
+batches (each is short), and in exchange there is no locking, no ``SQLITE_BUSY`` handling, and an
+in-memory database (``path=None``) behaves exactly like a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from .events import Event
+
+log = logging.getLogger("voxbridge.store")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+#: Events waiting for the writer; beyond this, new ones are dropped (and counted).
+QUEUE_MAX = 10_000
+#: Events applied per transaction: big enough to amortise the commit, small enough that a read
+#: queued behind a batch waits milliseconds, not seconds.
+BATCH_MAX = 500
+#: What replaces a redacted tool argument.
+REDACTED = "***"
+#: Calls in these states are over; every other state counts as "active".
+TERMINAL_STATES = ("ended", "failed")
+#: The only event types the history needs; the others are not even queued.
+STORED_TYPES = frozenset({"call.started", "call.answered", "transcript", "tool.called", "tool.completed",
+                          "call.ended", "call.failed"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    call_id     TEXT PRIMARY KEY,
+    direction   TEXT,
+    profile     TEXT,
+    state       TEXT NOT NULL,
+    caller      TEXT,
+    caller_name TEXT,
+    called      TEXT,
+    channel     TEXT,
+    started_at  REAL,
+    answered_at REAL,
+    ended_at    REAL,
+    duration_s  REAL,
+    end_reason  TEXT,
+    metadata    TEXT NOT NULL DEFAULT '{}',
+    variables   TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS calls_started_at ON calls (started_at);
+CREATE INDEX IF NOT EXISTS calls_state ON calls (state);
+CREATE TABLE IF NOT EXISTS transcripts (
+    call_id TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    role    TEXT,
+    text    TEXT,
+    t       REAL,
+    PRIMARY KEY (call_id, seq)
+);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    call_id      TEXT NOT NULL,
+    tool_call_id TEXT NOT NULL,
+    tool         TEXT,
+    args         TEXT,
+    outcome      TEXT NOT NULL DEFAULT 'pending',
+    result       TEXT,
+    duration_ms  REAL,
+    origin       TEXT,
+    started_at   REAL,
+    completed_at REAL,
+    PRIMARY KEY (call_id, tool_call_id)
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          TEXT PRIMARY KEY,
+    url         TEXT NOT NULL,
+    events      TEXT NOT NULL DEFAULT '[]',
+    secret      TEXT NOT NULL,
+    description TEXT,
+    created_at  REAL NOT NULL
+);
+"""
+
+_CALL_COLUMNS = ("call_id, state, direction, profile, caller, called, channel, started_at, ended_at, "
+                 "duration_s, end_reason, metadata")
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialing:
+    """An API-originated call, queued like an event so that it is applied before its events."""
+
+    call_id: str
+    direction: str
+    profile: str | None
+    destination: str
+    metadata: dict[str, Any]
+    ts: float
+
+
+def redact(value: Any, names: frozenset[str]) -> Any:
+    """``value`` with every mapping entry whose key is in ``names`` (case-insensitive) replaced
+    by ``"***"``, at any depth (inside dicts and lists)."""
+    if not names:
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and k.lower() in names else redact(v, names)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, names) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    # default=str: event data comes from tools and requests; storing "<object …>" beats losing the row.
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class CallStore:
+    """SQLite call history (calls, transcripts, tool calls) and webhook subscriptions.
+
+    ``path=None`` keeps everything in memory (lost at exit, otherwise identical).
+    ``redact_args``: tool argument names stored as ``"***"`` (case-insensitive, at any depth).
+
+    Life cycle: ``await start()`` … ``await close()``. :meth:`record` and :meth:`record_dialing`
+    may be called before ``start()`` (they are queued) and must be called from the event loop's
+    thread, like every other method.
+    """
+
+    def __init__(self, path: Path | str | None, redact_args: Iterable[str] = (), *,
+                 queue_max: int = QUEUE_MAX) -> None:
+        self.path = Path(path) if path is not None else None
+        self._redact = frozenset(n.lower() for n in redact_args)
+        self._queue: collections.deque[Event | _Dialing] = collections.deque()
+        self._queue_max = queue_max
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        # Flush bookkeeping: items accepted into the queue vs. items the writer has finished.
+        self._enqueued = 0
+        self._applied = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._burst_drops = 0
+        #: Events refused because the queue was full (or the store closed).
+        self.dropped = 0
+        # Two counters, because one is bumped on the loop and one on the store's thread.
+        self._queue_errors = 0
+        self._apply_errors = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Open (or create) the database; anything recorded before this starts going out."""
+        if self._closing:
+            raise RuntimeError("a closed call store cannot be started again; make a new one")
+        if self._executor is not None:
+            return
+        # One thread owns the connection for its whole life: every statement runs there.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxbridge-store")
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self._loop = asyncio.get_running_loop()
+        if self._queue:  # recorded before start()
+            self._spawn_writer()
+        log.info("call history: %s", self.path or "in memory")
+
+    async def close(self) -> None:
+        """Apply every queued write, then close the database. Later records are dropped."""
+        if self._closed:
+            return
+        self._closing = True  # from now on _put drops, so the writer drains and exits
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        self._closed = True
+        if self._executor is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+            finally:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been applied (or given up on)."""
+        target = self._enqueued
+        if self._applied >= target or self._writer is None or self._writer.done():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, fut))
+        await fut
+
+    @property
+    def errors(self) -> int:
+        """Events that could not be queued or applied (bad data, SQLite errors); each is logged."""
+        return self._queue_errors + self._apply_errors
+
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet applied."""
+        return self._enqueued - self._applied
+
+    # ------------------------------------------------------------------ writes (never block)
+
+    def record(self, event: Event) -> None:
+        """EventBus sink: queue ``event`` for the history. O(1); never blocks, never raises."""
+        try:
+            if event.type in STORED_TYPES:
+                self._put(event)
+        except Exception:  # noqa: BLE001 - on the media path: losing one record beats losing the call
+            self._queue_errors += 1
+            log.exception("call history: cannot queue an event")
+
+    def record_dialing(self, call_id: str, direction: str, profile: str | None, destination: str,
+                       metadata: dict[str, Any] | None = None) -> None:
+        """A call started through the API, before any event exists for it (state ``dialing``).
+
+        Queued with the events, so it is applied before the call's ``call.started``; visible to
+        reads at once (they wait for queued writes). Never blocks, never raises.
+        """
+        try:
+            self._put(_Dialing(call_id, direction, profile, destination, dict(metadata or {}), time.time()))
+        except Exception:  # noqa: BLE001
+            self._queue_errors += 1
+            log.exception("call history: cannot queue a dialing call")
+
+    def _put(self, item: Event | _Dialing) -> None:
+        if self._closing or len(self._queue) >= self._queue_max:
+            # Drop the newest: what is queued stays an in-order prefix of what happened.
+            self.dropped += 1
+            self._burst_drops += 1
+            if self._burst_drops == 1:  # once per burst; the writer reports the total when it ends
+                log.warning("call history: %s, dropping events", "closed" if self._closing else
+                            f"write queue full ({self._queue_max})")
+            return
+        self._queue.append(item)
+        self._enqueued += 1
+        if self._loop is not None and (self._writer is None or self._writer.done()):
+            self._spawn_writer()
+
+    def _spawn_writer(self) -> None:
+        # The writer runs only while there is something to write: no idle task outlives a call
+        # (tests check for leaked tasks), and there is still never more than one, so order holds.
+        assert self._loop is not None
+        self._writer = self._loop.create_task(self._write_loop(), name="store-writer")
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH_MAX))]
+                try:
+                    await self._run(self._apply_batch, batch)
+                except Exception:  # noqa: BLE001 - e.g. disk full: lose this batch, keep the writer alive
+                    self._queue_errors += len(batch)
+                    log.exception("call history: %d event(s) could not be written", len(batch))
+                self._applied += len(batch)
+                self._wake_flushers()
+            if self._burst_drops:
+                log.warning("call history: write queue drained; %d event(s) were dropped", self._burst_drops)
+                self._burst_drops = 0
+        finally:
+            # Whatever happens to the writer, nobody waits for it forever.
+            for _, fut in self._flush_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._flush_waiters.clear()
+
+    def _wake_flushers(self) -> None:
+        keep = []
+        for target, fut in self._flush_waiters:
+            if self._applied >= target:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._flush_waiters = keep
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        """The call in the API's ``Call`` shape (with transcript and tools), or None."""
+        await self.flush()
+        calls = await self._run(self._select_calls, "WHERE call_id = ?", (call_id,), 1, 0)
+        return calls[0] if calls else None
+
+    async def list_calls(self, state: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Calls newest first. ``state``: None (all), ``"active"`` (not over) or ``"ended"``
+        (ended or failed). Raises ValueError for any other state or a negative limit/offset."""
+        where, params = self._state_filter(state)
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        await self.flush()
+        return await self._run(self._select_calls, where, params, limit, offset)
+
+    async def count_calls(self, state: str | None = None) -> int:
+        """How many calls :meth:`list_calls` would page through for ``state``."""
+        where, params = self._state_filter(state)
+        await self.flush()
+        return await self._run(lambda c: c.execute(f"SELECT COUNT(*) FROM calls {where}", params).fetchone()[0])
+
+    async def get_tool_calls(self, call_id: str) -> list[dict[str, Any]]:
+        """Every tool call of a call, in order, in full: (redacted) args, result, timestamps."""
+        await self.flush()
+
+        def q(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = c.execute(
+                "SELECT tool_call_id, tool, args, outcome, result, duration_ms, origin, started_at, completed_at "
+                "FROM tool_calls WHERE call_id = ? ORDER BY rowid", (call_id,)).fetchall()
+            return [{"tool_call_id": r[0], "tool": r[1], "args": _loads(r[2], None), "outcome": r[3],
+                     "result": r[4], "duration_ms": r[5], "origin": r[6], "started_at": r[7],
+                     "completed_at": r[8]} for r in rows]
+
+        return await self._run(q)
+
+    @staticmethod
+    def _state_filter(state: str | None) -> tuple[str, tuple[Any, ...]]:
+        if state is None:
+            return "", ()
+        marks = ", ".join("?" * len(TERMINAL_STATES))
+        if state == "active":
+            return f"WHERE state NOT IN ({marks})", TERMINAL_STATES
+        if state == "ended":
+            return f"WHERE state IN ({marks})", TERMINAL_STATES
+        raise ValueError(f"state must be 'active' or 'ended', not {state!r}")
+
+    # ------------------------------------------------------------------ webhook subscriptions
+
+    async def add_webhook(self, url: str, events: list[str] | None, secret: str,
+                          description: str | None = None) -> dict[str, Any]:
+        """Persist a subscription (no validation here: see WebhookDispatcher.create). ``events``
+        empty or None means every type (stored as ``[]``). Returns it, secret included."""
+        events = list(events or [])
+
+        def q(c: sqlite3.Connection) -> dict[str, Any]:
+            created = time.time()
+            for _ in range(5):  # 48 random bits: a collision is astronomically unlikely, but cheap to handle
+                hook_id = secrets.token_hex(6)
+                try:
+                    with c:
+                        c.execute("INSERT INTO webhooks (id, url, events, secret, description, created_at) "
+                                  "VALUES (?, ?, ?, ?, ?, ?)", (hook_id, url, _json(events), secret, description,
+                                                                created))
+                except sqlite3.IntegrityError:
+                    continue
+                return {"id": hook_id, "url": url, "events": events, "description": description,
+                        "created_at": created, "secret": secret}
+            raise RuntimeError("could not allocate a webhook id")
+
+        return await self._run(q)
+
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        """Every subscription, oldest first, secrets included (for delivery; never show them)."""
+        return await self._run(self._select_webhooks, "", ())
+
+    async def get_webhook(self, hook_id: str) -> dict[str, Any] | None:
+        hooks = await self._run(self._select_webhooks, "WHERE id = ?", (hook_id,))
+        return hooks[0] if hooks else None
+
+    async def delete_webhook(self, hook_id: str) -> bool:
+        """True if it existed."""
+        def q(c: sqlite3.Connection) -> bool:
+            with c:
+                return c.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,)).rowcount > 0
+
+        return await self._run(q)
+
+    @staticmethod
+    def _select_webhooks(c: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        rows = c.execute(f"SELECT id, url, events, description, created_at, secret FROM webhooks {where} "
+                         "ORDER BY created_at, rowid", params).fetchall()
+        return [{"id": r[0], "url": r[1], "events": _loads(r[2], []), "description": r[3], "created_at": r[4],
+                 "secret": r[5]} for r in rows]
+
+    # ------------------------------------------------------------------ on the store's thread
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(connection, *args)`` on the store's thread."""
+        if self._executor is None or self._closed:
+            raise RuntimeError("the call store is not running (start() it first)")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._conn, *args))
+
+    def _open(self, _conn: None) -> None:
+        target = str(self.path) if self.path is not None else ":memory:"
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
+        conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # in memory this stays "memory"; harmless
+            # NORMAL is safe with WAL (no corruption); a power cut may lose the last batches only.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")  # e.g. an operator's sqlite3 shell holding a lock
+            self._migrate(conn)
+            now = time.time()
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "UPDATE calls SET state = 'ended', end_reason = COALESCE(end_reason, 'bridge-restart'), "
+                "ended_at = COALESCE(ended_at, ?) WHERE state NOT IN (?, ?)", (now, *TERMINAL_STATES))
+            conn.execute("COMMIT")
+            if cur.rowcount:
+                log.warning("call history: %d call(s) were in progress when voxbridge stopped; marked ended "
+                            "(bridge-restart)", cur.rowcount)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"the call history was written by a newer voxbridge (schema {version}, "
+                                   f"this one knows {SCHEMA_VERSION})")
+            if version < 1:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            # Future versions: `if version < 2: ALTER TABLE …` here, in order.
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _apply_batch(self, conn: sqlite3.Connection, batch: list[Event | _Dialing]) -> None:
+        conn.execute("BEGIN")
+        try:
+            for item in batch:
+                # A savepoint per event: one malformed event is skipped without half-applying it,
+                # and without losing the rest of the batch.
+                conn.execute("SAVEPOINT ev")
+                try:
+                    self._apply(conn, item)
+                except Exception:  # noqa: BLE001
+                    conn.execute("ROLLBACK TO ev")
+                    self._apply_errors += 1
+                    log.exception("call history: cannot apply %s for call %s",
+                                  getattr(item, "type", "dialing"), item.call_id)
+                conn.execute("RELEASE ev")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _apply(self, c: sqlite3.Connection, item: Event | _Dialing) -> None:
+        if isinstance(item, _Dialing):
+            c.execute("INSERT OR IGNORE INTO calls (call_id, state, direction, profile, called, started_at, metadata) "
+                      "VALUES (?, 'dialing', ?, ?, ?, ?, ?)",
+                      (item.call_id, item.direction, item.profile, item.destination, item.ts, _json(item.metadata)))
+            return
+        d = item.data
+        cid = item.call_id
+        meta = d.get("metadata")
+        meta_json = _json(meta) if isinstance(meta, dict) else "{}"
+        profile = _str(d.get("profile"))
+        if item.type == "call.started":
+            variables = d.get("variables")
+            c.execute(
+                "INSERT INTO calls (call_id, state, direction, profile, caller, caller_name, called, channel, "
+                "started_at, metadata, variables) VALUES (?, 'connecting', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (call_id) DO UPDATE SET "
+                "state = CASE WHEN calls.state = 'dialing' THEN 'connecting' ELSE calls.state END, "
+                "direction = COALESCE(excluded.direction, calls.direction), "
+                "profile = COALESCE(excluded.profile, calls.profile), "
+                "caller = excluded.caller, caller_name = excluded.caller_name, "
+                # An outbound call's session may not know the number dialled: keep the destination.
+                "called = COALESCE(NULLIF(excluded.called, ''), calls.called), "
+                "channel = excluded.channel, "
+                # A dialled call started when the API accepted it, not when the callee answered.
+                "started_at = COALESCE(calls.started_at, excluded.started_at), "
+                "metadata = CASE WHEN excluded.metadata = '{}' THEN calls.metadata ELSE excluded.metadata END, "
+                "variables = excluded.variables",
+                (cid, _str(d.get("direction")), profile, _str(d.get("caller")), _str(d.get("caller_name")),
+                 _str(d.get("called")), _str(d.get("channel")), item.ts, meta_json,
+                 _json(variables if isinstance(variables, dict) else {})))
+            return
+        # Any other event of a call we have no row for (its call.started was dropped, or the call
+        # never had a session): make one, so nothing that did get through is lost.
+        c.execute("INSERT OR IGNORE INTO calls (call_id, state, direction, profile, called, started_at, metadata) "
+                  "VALUES (?, 'connecting', ?, ?, ?, ?, ?)",
+                  (cid, _str(d.get("direction")), profile, _str(d.get("called") or d.get("destination")), item.ts,
+                   meta_json))
+        if item.type == "call.answered":
+            c.execute("UPDATE calls SET state = CASE WHEN state IN ('dialing', 'connecting') THEN 'active' "
+                      "ELSE state END, answered_at = COALESCE(answered_at, ?), profile = COALESCE(?, profile) "
+                      "WHERE call_id = ?", (item.ts, profile, cid))
+        elif item.type == "transcript":
+            c.execute("INSERT INTO transcripts (call_id, seq, role, text, t) "
+                      "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM transcripts WHERE call_id = ?",
+                      (cid, _str(d.get("role")), _str(d.get("text")), _num(d.get("t")), cid))
+        elif item.type == "tool.called":
+            c.execute(
+                "INSERT INTO tool_calls (call_id, tool_call_id, tool, args, origin, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (call_id, tool_call_id) DO UPDATE SET "
+                "tool = excluded.tool, args = excluded.args, origin = excluded.origin, started_at = excluded.started_at",
+                (cid, self._tool_call_id(item), _str(d.get("tool")), _json(redact(d.get("args"), self._redact)),
+                 _str(d.get("origin")), item.ts))
+        elif item.type == "tool.completed":
+            result = d.get("result")
+            c.execute(
+                "INSERT INTO tool_calls (call_id, tool_call_id, tool, outcome, result, duration_ms, origin, "
+                "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id, tool_call_id) DO UPDATE SET "
+                "tool = COALESCE(excluded.tool, tool_calls.tool), outcome = excluded.outcome, "
+                "result = excluded.result, duration_ms = excluded.duration_ms, "
+                "origin = COALESCE(excluded.origin, tool_calls.origin), completed_at = excluded.completed_at",
+                (cid, self._tool_call_id(item), _str(d.get("tool")), _str(d.get("outcome")) or "unknown",
+                 result if isinstance(result, str) or result is None else _json(result),
+                 _num(d.get("duration_ms")), _str(d.get("origin")), item.ts))
+        elif item.type == "call.failed":
+            # Failed stays failed; call.ended (if the call had a session) adds the final reason.
+            c.execute("UPDATE calls SET state = 'failed', end_reason = ?, ended_at = COALESCE(ended_at, ?) "
+                      "WHERE call_id = ?", (_str(d.get("reason")) or "failed", item.ts, cid))
+        elif item.type == "call.ended":
+            c.execute("UPDATE calls SET state = CASE WHEN state = 'failed' THEN 'failed' ELSE 'ended' END, "
+                      "ended_at = ?, duration_s = ?, end_reason = COALESCE(?, end_reason), "
+                      "profile = COALESCE(?, profile) WHERE call_id = ?",
+                      (item.ts, _num(d.get("duration_s")), _str(d.get("reason")), profile, cid))
+            self._reconcile_transcript(c, cid, d.get("transcript"))
+
+    @staticmethod
+    def _tool_call_id(event: Event) -> str:
+        tcid = event.data.get("tool_call_id")
+        return str(tcid) if tcid is not None else f"event-{event.id}"
+
+    @staticmethod
+    def _reconcile_transcript(c: sqlite3.Connection, call_id: str, transcript: Any) -> None:
+        """call.ended carries the whole transcript: if transcript events were dropped on the way
+        (queue full), it is the authoritative copy."""
+        if not isinstance(transcript, list):
+            return
+        have = c.execute("SELECT COUNT(*) FROM transcripts WHERE call_id = ?", (call_id,)).fetchone()[0]
+        if have >= len(transcript):
+            return
+        c.execute("DELETE FROM transcripts WHERE call_id = ?", (call_id,))
+        c.executemany("INSERT INTO transcripts (call_id, seq, role, text, t) VALUES (?, ?, ?, ?, ?)",
+                      [(call_id, i, _str(x.get("role")), _str(x.get("text")), _num(x.get("t")))
+                       for i, x in enumerate((x for x in transcript if isinstance(x, dict)), 1)])
+
+    @staticmethod
+    def _select_calls(c: sqlite3.Connection, where: str, params: tuple[Any, ...], limit: int,
+                      offset: int) -> list[dict[str, Any]]:
+        rows = c.execute(f"SELECT {_CALL_COLUMNS} FROM calls {where} "
+                         "ORDER BY started_at DESC, rowid DESC LIMIT ? OFFSET ?", (*params, limit, offset)).fetchall()
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        transcripts: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        tools: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        # Chunked: SQLite caps the number of bound parameters per statement.
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for cid, role, text, t in c.execute(
+                    f"SELECT call_id, role, text, t FROM transcripts WHERE call_id IN ({marks}) "
+                    "ORDER BY call_id, seq", chunk):
+                transcripts[cid].append({"role": role, "text": text, "t": t})
+            for cid, tool, outcome, duration_ms in c.execute(
+                    f"SELECT call_id, tool, outcome, duration_ms FROM tool_calls WHERE call_id IN ({marks}) "
+                    "ORDER BY rowid", chunk):
+                tools[cid].append({"tool": tool, "outcome": outcome, "duration_ms": duration_ms})
+        return [{
+            "call_id": r[0], "state": r[1], "direction": r[2], "profile": r[3], "caller": r[4], "called": r[5],
+            "channel": r[6], "started_at": r[7], "ended_at": r[8], "duration_s": r[9], "end_reason": r[10],
+            "metadata": _loads(r[11], {}), "transcript": transcripts[r[0]], "tools": tools[r[0]],
+        } for r in rows]

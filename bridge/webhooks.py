@@ -1,0 +1,383 @@
+"""Webhook delivery: call events POSTed to subscribers, signed, retried, never on the media path.
+
+:meth:`WebhookDispatcher.offer` is an :class:`~bridge.events.EventBus` sink: it only appends the
+event to each matching subscription's bounded queue (the oldest is dropped and counted when it is
+full). Each subscription has its own delivery task, which sends its events one at a time, in
+order, so a slow or dead subscriber delays nobody but itself. That task exists only while the
+subscription has something to deliver: idle subscriptions cost no tasks, and nothing lingers
+once a call's events have gone out.
+
+The wire format (README, "Webhook delivery")::
+
+    POST <url>
+    Content-Type: application/json
+    User-Agent: voxbridge
+    X-Voxbridge-Event: call.ended
+    X-Voxbridge-Event-Id: <event id>           same on every attempt: receivers dedupe on it
+    X-Voxbridge-Timestamp: <unix seconds>      of this attempt
+    X-Voxbridge-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<raw body>")>
+
+    <Event JSON: {"id", "type", "call_id", "ts", "seq", "data"}>
+
+A 2xx answer is a delivery. Anything else — another status, a connection error, a timeout — is
+retried with exponential backoff (honouring ``Retry-After`` up to ``backoff_max``) until
+``max_attempts``; then the event is given up on, counted and logged. Redirects are not followed
+(the signature is for the URL the subscriber registered).
+
+**410 Gone** removes the subscription (from the store too), as in the REST Hooks convention: the
+receiver is saying, permanently, that nobody is listening there any more. Its queued events are
+counted as dropped. Every other status is treated as temporary, as the README promises.
+
+Logs name the subscription and the host it points at, never the full URL (its path or query may
+carry a token), the secret or a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import random
+import secrets as _secrets
+import time
+from typing import Any
+
+import httpx
+
+from .events import EVENT_TYPES, Event
+from .store import CallStore
+
+log = logging.getLogger("voxbridge.webhooks")
+
+USER_AGENT = "voxbridge"
+#: How much of a subscriber's answer is read (so the connection can be reused), at most.
+MAX_RESPONSE_BYTES = 64 * 1024
+#: The README's 201 / GET shape; the secret is added only by :meth:`WebhookDispatcher.create`.
+PUBLIC_FIELDS = ("id", "url", "events", "description", "created_at")
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``"sha256=" + hex(HMAC-SHA256(secret, "<timestamp>.<body>"))`` — the signature header's value."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
+                     tolerance_s: int | None = 300, now: float | None = None) -> bool:
+    """For receivers: is ``signature`` (the ``X-Voxbridge-Signature`` header) valid for ``body``
+    (the raw request body, exactly as received) and ``timestamp`` (``X-Voxbridge-Timestamp``)?
+
+    With ``tolerance_s`` (default 5 minutes), a timestamp further than that from ``now``
+    (default: the current time) is refused, so a captured request cannot be replayed later;
+    ``None`` skips that check. The comparison is in constant time. Never raises on bad input.
+    """
+    try:
+        ts = int(timestamp)
+    except (TypeError, ValueError):
+        return False
+    if tolerance_s is not None:
+        current = time.time() if now is None else now
+        if abs(current - ts) > tolerance_s:
+            return False
+    if not isinstance(signature, str) or not isinstance(body, (bytes, bytearray)):
+        return False
+    expected = sign(secret, str(timestamp), bytes(body))
+    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+
+
+def _host(url: str) -> str:
+    """scheme://host[:port] — enough to tell subscribers apart in logs, without path or query."""
+    try:
+        u = httpx.URL(url)
+        return f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")
+    except Exception:  # noqa: BLE001
+        return "<invalid url>"
+
+
+def validate(url: str, events: list[str] | None) -> list[str]:
+    """Check a subscription; returns its event types (``[]`` = all). Raises ValueError."""
+    try:
+        u = httpx.URL(url)
+    except Exception as exc:  # noqa: BLE001 - httpx raises several kinds for bad URLs
+        raise ValueError(f"invalid webhook url: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ValueError("webhook url must be an absolute http:// or https:// URL")
+    types: list[str] = []
+    for t in events or []:
+        if t not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {t!r} (known: {', '.join(EVENT_TYPES)})")
+        if t not in types:
+            types.append(t)
+    return types
+
+
+class _Subscription:
+    """One subscriber: its settings, bounded queue, delivery task and counters."""
+
+    def __init__(self, info: dict[str, Any], queue_size: int) -> None:
+        self.info = info  # as stored: secret included
+        self.id: str = info["id"]
+        self.url: str = info["url"]
+        self.secret: str = info["secret"]
+        self.host = _host(self.url)
+        self.types = frozenset(info.get("events") or ()) or None  # None: every type
+        self.queue: collections.deque[Event] = collections.deque()
+        self.queue_size = queue_size
+        self.inflight = False
+        self.task: asyncio.Task[None] | None = None
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
+        self.burst_drops = 0
+
+    def push(self, event: Event) -> bool:
+        """Queue ``event`` if this subscriber wants it; True if it was queued."""
+        if self.types is not None and event.type not in self.types:
+            return False
+        if len(self.queue) >= self.queue_size:
+            # Drop the oldest: a lagging subscriber is better served by the latest state of a call.
+            self.queue.popleft()
+            self.dropped += 1
+            self.burst_drops += 1
+            if self.burst_drops == 1:  # once per burst; the delivery task reports the total
+                log.warning("webhook %s (%s): queue full (%d), dropping the oldest events",
+                            self.id, self.host, self.queue_size)
+        self.queue.append(event)
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + (1 if self.inflight else 0)
+
+    def public(self) -> dict[str, Any]:
+        return {k: self.info.get(k) for k in PUBLIC_FIELDS}
+
+
+class WebhookDispatcher:
+    """Delivers events to the webhook subscriptions kept in ``store``.
+
+    ``client`` is used for every delivery and is not closed here; it should be dedicated to
+    outgoing requests of this kind (its default headers and cookies go to every subscriber).
+    Timing: attempt ``n`` (1-based) that fails waits ``min(backoff_max, backoff_base * 2**(n-1))``
+    (plus up to 10 % jitter) before the next one; each attempt is bounded by ``timeout`` seconds
+    overall. ``queue_size`` events wait per subscription, at most. :meth:`close` waits up to
+    ``close_timeout`` seconds for queued events to go out.
+    """
+
+    def __init__(self, store: CallStore, client: httpx.AsyncClient, *, max_attempts: int = 6,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0, queue_size: int = 1000,
+                 timeout: float = 10.0, close_timeout: float = 2.0) -> None:
+        if max_attempts < 1 or queue_size < 1:
+            raise ValueError("max_attempts and queue_size must be at least 1")
+        self._store = store
+        self._client = client
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.close_timeout = close_timeout
+        self._subs: dict[str, _Subscription] = {}
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Load the stored subscriptions and start delivering to them."""
+        if self._started:
+            return
+        self._started = True
+        for info in await self._store.list_webhooks():
+            self._add(info)
+        if self._subs:
+            log.info("webhooks: %d subscription(s)", len(self._subs))
+
+    async def close(self) -> None:
+        """Give queued deliveries up to ``close_timeout`` seconds, then stop every delivery task."""
+        if self._closed:
+            return
+        self._closed = True
+        subs = list(self._subs.values())
+        running = [s.task for s in subs if s.task is not None and not s.task.done()]
+        if running:
+            await asyncio.wait(running, timeout=self.close_timeout)
+        lost = sum(s.pending for s in subs)
+        if lost:
+            log.warning("webhooks: closing with %d event(s) not delivered", lost)
+        await self._stop(subs)
+
+    @staticmethod
+    async def _stop(subs: builtins.list[_Subscription]) -> None:
+        tasks = [s.task for s in subs if s.task is not None and s.task is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ the sink
+
+    def offer(self, event: Event) -> None:
+        """EventBus sink: queue ``event`` for every subscription that wants it. Never blocks or raises."""
+        if self._closed:
+            return
+        try:
+            for sub in self._subs.values():
+                if sub.push(event) and (sub.task is None or sub.task.done()):
+                    self._spawn(sub)
+        except Exception:  # noqa: BLE001 - on the media path: a webhook bug must not hurt the call
+            log.exception("webhooks: cannot queue %s", getattr(event, "type", event))
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def create(self, url: str, events: list[str] | None = None, secret: str | None = None,
+                     description: str | None = None) -> dict[str, Any]:
+        """Validate, persist and start a subscription.
+
+        ``events``: the types to deliver; None or empty means all (stored and returned as
+        ``[]``). ``secret``: generated (``secrets.token_urlsafe(32)``) if not given. Raises
+        ValueError for a URL that is not absolute http(s), an unknown event type (named in the
+        message) or an empty secret. Returns ``{"id", "url", "events", "description",
+        "created_at", "secret"}`` — the only time the secret is handed out.
+        """
+        if self._closed:
+            raise RuntimeError("the webhook dispatcher is closed")
+        types = validate(url, events)
+        if secret is None:
+            secret = _secrets.token_urlsafe(32)
+        elif not isinstance(secret, str) or not secret:
+            raise ValueError("webhook secret must be a non-empty string")
+        info = await self._store.add_webhook(url, types, secret, description)
+        self._add(info)
+        log.info("webhook %s created for %s (%s)", info["id"], _host(url), ", ".join(types) or "all events")
+        return {**{k: info[k] for k in PUBLIC_FIELDS}, "secret": secret}
+
+    async def list(self) -> builtins.list[dict[str, Any]]:  # builtins: this class defines list()
+        """Every subscription, oldest first: ``{"id", "url", "events", "description", "created_at"}``
+        (never the secret)."""
+        return [s.public() for s in self._subs.values()]
+
+    async def get(self, hook_id: str) -> dict[str, Any] | None:
+        """One subscription (without its secret), or None."""
+        sub = self._subs.get(hook_id)
+        return sub.public() if sub is not None else None
+
+    async def delete(self, hook_id: str) -> bool:
+        """Stop delivering (in-flight and queued events are abandoned) and forget it. True if it existed."""
+        sub = self._subs.pop(hook_id, None)
+        if sub is not None:
+            await self._stop([sub])
+        stored = await self._store.delete_webhook(hook_id)
+        if sub is not None or stored:
+            log.info("webhook %s deleted", hook_id)
+        return sub is not None or stored
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per subscription id: ``delivered``, ``failed`` (given up after every attempt),
+        ``dropped`` (queue overflow) and ``pending`` (queued or in flight)."""
+        return {s.id: {"delivered": s.delivered, "failed": s.failed, "dropped": s.dropped, "pending": s.pending}
+                for s in self._subs.values()}
+
+    def _add(self, info: dict[str, Any]) -> None:
+        sub = _Subscription(info, self.queue_size)
+        self._subs[sub.id] = sub
+
+    def _spawn(self, sub: _Subscription) -> None:
+        # At most one task per subscription (ordered delivery), and only while it has work.
+        sub.task = asyncio.get_running_loop().create_task(self._deliver_loop(sub), name=f"webhook-{sub.id}")
+
+    # ------------------------------------------------------------------ delivery
+
+    async def _deliver_loop(self, sub: _Subscription) -> None:
+        while sub.queue:
+            event = sub.queue.popleft()
+            sub.inflight = True
+            try:
+                gone = await self._deliver(sub, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug here must not stop this subscriber's deliveries
+                sub.failed += 1
+                log.exception("webhook %s: delivering event %s failed", sub.id, event.id)
+                gone = False
+            finally:
+                sub.inflight = False
+            if gone:
+                await self._gone(sub)
+                return
+        if sub.burst_drops:
+            log.warning("webhook %s (%s): caught up; %d event(s) were dropped", sub.id, sub.host, sub.burst_drops)
+            sub.burst_drops = 0
+
+    async def _deliver(self, sub: _Subscription, event: Event) -> bool:
+        """Deliver one event with retries. Returns True if the subscriber answered 410 Gone."""
+        # Serialised once: every attempt sends (and signs) exactly the same bytes.
+        body = json.dumps(event.as_dict(), ensure_ascii=False, separators=(",", ":"), default=str).encode()
+        last = ""
+        for attempt in range(1, self.max_attempts + 1):
+            timestamp = str(int(time.time()))  # per attempt: receivers' replay windows see a fresh one
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                "X-Voxbridge-Event": event.type,
+                "X-Voxbridge-Event-Id": event.id,
+                "X-Voxbridge-Timestamp": timestamp,
+                "X-Voxbridge-Signature": sign(sub.secret, timestamp, body),
+            }
+            retry_after: str | None = None
+            try:
+                status, retry_after = await self._post(sub.url, body, headers)
+            except (httpx.HTTPError, OSError, TimeoutError) as exc:
+                last = type(exc).__name__
+            else:
+                if 200 <= status < 300:
+                    sub.delivered += 1
+                    return False
+                if status == 410:
+                    return True
+                last = f"HTTP {status}"
+            if attempt < self.max_attempts:
+                delay = self._backoff(attempt, retry_after)
+                log.info("webhook %s (%s): event %s attempt %d/%d failed (%s); retrying in %.1f s", sub.id,
+                         sub.host, event.id, attempt, self.max_attempts, last, delay)
+                await asyncio.sleep(delay)
+        sub.failed += 1
+        log.warning("webhook %s (%s): gave up on event %s (%s) after %d attempt(s); last: %s", sub.id, sub.host,
+                    event.id, event.type, self.max_attempts, last)
+        return False
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+        # asyncio.timeout bounds the whole exchange; httpx's timeout alone is per read, so a
+        # subscriber trickling bytes could otherwise hold its queue for ever.
+        async with asyncio.timeout(self.timeout):
+            async with self._client.stream("POST", url, content=body, headers=headers, timeout=self.timeout,
+                                           follow_redirects=False) as resp:
+                read = 0
+                async for chunk in resp.aiter_raw():
+                    read += len(chunk)
+                    if read > MAX_RESPONSE_BYTES:  # nobody needs it; stop (the connection is discarded)
+                        break
+                return resp.status_code, resp.headers.get("retry-after")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        delay *= 1 + random.random() * 0.1  # jitter: subscribers sharing a receiver do not retry in lockstep
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = max(delay, float(retry_after.strip()))
+        return min(delay, self.backoff_max)
+
+    async def _gone(self, sub: _Subscription) -> None:
+        """410 Gone: the subscriber asked to be unsubscribed."""
+        if self._subs.get(sub.id) is sub:
+            del self._subs[sub.id]
+        sub.dropped += len(sub.queue)
+        sub.queue.clear()
+        log.warning("webhook %s (%s) answered 410 Gone: subscription removed", sub.id, sub.host)
+        try:
+            await self._store.delete_webhook(sub.id)
+        except Exception:  # noqa: BLE001 - e.g. the store is closing; it is gone from memory already
+            log.exception("webhook %s: cannot remove it from the store", sub.id)
