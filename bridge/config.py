@@ -134,8 +134,9 @@ class Profile(_Model):
                 raise ValueError(f"DTMF key {digit!r} is not one of 0-9 * # A-D")
         return v
 
-    def render_prompt(self, variables: Mapping[str, str]) -> tuple[str, list[str]]:
-        """Fill ``{placeholders}`` from ``variables`` (profile defaults underneath).
+    def render_prompt(self, variables: Mapping[str, str], template: str | None = None) -> tuple[str, list[str]]:
+        """Fill ``{placeholders}`` in ``template`` (default: this profile's prompt) from
+        ``variables``, with the profile's default variables underneath.
 
         Only ``{identifier}`` is a placeholder, so JSON or other braces in a prompt are left
         alone. Returns the prompt and the placeholders that had no value (left as written).
@@ -150,7 +151,7 @@ class Profile(_Model):
             missing.append(key)
             return m.group(0)
 
-        return _PLACEHOLDER.sub(sub, self.prompt), missing
+        return _PLACEHOLDER.sub(sub, self.prompt if template is None else template), missing
 
 
 # --------------------------------------------------------------------------- sections

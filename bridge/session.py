@@ -188,10 +188,8 @@ class CallSession(CallControl):
         if self.end_reason is not None:
             return
         profile = self.profile
-        prompt_vars = {"call_id": self.call_id, **self.variables}
-        prompt, missing = profile.render_prompt(prompt_vars)
-        if "prompt" in settings.overrides:
-            prompt, missing = Profile(prompt=settings.overrides["prompt"]).render_prompt({**profile.variables, **prompt_vars})
+        prompt, missing = profile.render_prompt({"call_id": self.call_id, **self.variables},
+                                                template=settings.overrides.get("prompt"))
         if missing:
             self.log.warning("prompt placeholders without a value: %s", ", ".join(sorted(set(missing))))
         setup = SessionSetup(
@@ -226,8 +224,11 @@ class CallSession(CallControl):
         self.answered = True
         self._publish("call.answered", self.call_id, profile=self.profile_name)
         self._init_uplink()
+        # Held at the caller's rate while connecting: resample now, through the call's own
+        # (stateful) resampler, so the first words reach the AI at the right pitch.
         while self._preconnect:
-            gateway.send_audio(self._preconnect.popleft())
+            pcm = self._preconnect.popleft()
+            gateway.send_audio(self._up.process(pcm) if self._up is not None else pcm)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(profile.max_duration + MAX_DURATION_GRACE_S, self._max_duration)
         await self._downlink(gateway)
@@ -267,14 +268,12 @@ class CallSession(CallControl):
         self.stats["frames_in"] += 1
         if self.end_reason is not None:
             return
-        up = self._up
-        if up is not None:
-            pcm = up.process(pcm)
         gw = self.gateway
-        if gw is not None:
-            gw.send_audio(pcm)
-        else:
-            self._preconnect.append(pcm if up is not None else bytes(pcm))
+        if gw is None:
+            self._preconnect.append(pcm)  # resampled when the gateway is connected
+            return
+        up = self._up
+        gw.send_audio(up.process(pcm) if up is not None else pcm)
 
     def _set_caller_rate(self, rate: int) -> None:
         self.log.info("caller audio at %d Hz", rate)

@@ -412,3 +412,26 @@ async def test_shutdown_ends_calls_gracefully(make_bridge, sim, dial):
         await asyncio.wait_for(s.closed.wait(), 2)
         assert any(m.get("type") == "hangup" for m in s.messages)
     assert bridge.sessions == {}
+
+
+async def test_audio_held_while_the_gateway_connects_is_resampled(make_bridge, sim, dial):
+    """An 8 kHz caller, a 16 kHz profile, and a gateway that takes 0.5 s to answer."""
+    from bridge.gateway.aillomvox import AillomVoxGateway
+
+    class SlowGateway(AillomVoxGateway):
+        async def connect(self, setup):
+            await asyncio.sleep(0.5)
+            await super().connect(setup)
+
+    def factory(session):
+        return SlowGateway(sim.url, API_KEY, settle_ms=0, call_id=session.call_id)
+
+    bridge = await make_bridge(profile={"first_message": None, "sample_rate": 16000})
+    bridge._gateway_factory = factory
+    caller = await dial(bridge)
+    caller.say(tone(1000, 400, 8000))  # spoken while the gateway is still connecting
+    session = await accepted(sim)
+    await session.wait_audio(16000 * 2 * 0.3, timeout=5)
+    first = bytes(session.audio[: 16000 * 2 * 3 // 10])  # the first 0.3 s the gateway got
+    assert dominant_hz(first, 16000) == pytest.approx(1000, abs=20)  # not 500 Hz (8 kHz read as 16)
+    await caller.aclose()
