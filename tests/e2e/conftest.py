@@ -60,23 +60,29 @@ def _unavailable(reason: str) -> None:
     pytest.skip(msg)
 
 
+def build_sandbox(part: str, timeout: float) -> Path:
+    """Run ``sandbox.sh <part>`` (cached after the first run) and return the path it prints last.
+
+    Skips loudly when the machine cannot build it, unless CI is set: then it is a failure.
+    """
+    if os.geteuid() != 0:
+        _unavailable(f"the {part} sandbox needs root (debootstrap, chroot, mount proc)")
+    try:
+        res = subprocess.run(["bash", str(SANDBOX_SH), part], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"sandbox.sh {part} did not run: {exc}")
+    if res.returncode != 0:
+        _unavailable(f"sandbox.sh {part} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    lines = res.stdout.strip().splitlines()
+    if not lines:
+        _unavailable(f"sandbox.sh {part} printed no path:\n{res.stderr[-3000:]}")
+    return Path(lines[-1])
+
+
 @pytest.fixture(scope="session")
 def asterisk_root() -> Path:
     """The sid chroot with Asterisk 22 (built on first use, ~1 min; cached afterwards)."""
-    if os.geteuid() != 0:
-        _unavailable("the Asterisk chroot needs root (debootstrap, chroot, mount proc)")
-    try:
-        res = subprocess.run(
-            ["bash", str(SANDBOX_SH), "asterisk"], capture_output=True, text=True, timeout=900
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _unavailable(f"sandbox.sh asterisk did not run: {exc}")
-    if res.returncode != 0:
-        _unavailable(f"sandbox.sh asterisk failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    lines = res.stdout.strip().splitlines()
-    if not lines:
-        _unavailable(f"sandbox.sh asterisk printed no root path:\n{res.stderr[-3000:]}")
-    root = Path(lines[-1])
+    root = build_sandbox("asterisk", timeout=900)
     if not (root / "usr/sbin/asterisk").exists():
         _unavailable(f"{root} has no /usr/sbin/asterisk")
     mounted = ensure_proc(root)

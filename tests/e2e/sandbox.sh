@@ -3,7 +3,7 @@
 #
 # Usage:
 #   bash tests/e2e/sandbox.sh asterisk   # Debian sid chroot with Asterisk 22 (asterisk, asterisk-modules)
-#   bash tests/e2e/sandbox.sh n8n        # not yet: n8n inside the same chroot (see sandbox_n8n below)
+#   bash tests/e2e/sandbox.sh n8n        # + n8n 1.123 (Node 24) in the same chroot, and the n8n/ node package built
 #   bash tests/e2e/sandbox.sh path       # print the chroot path
 #
 # Environment:
@@ -105,14 +105,182 @@ cleanup_build() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# n8n: NOT YET IMPLEMENTED. Another engineer adds n8n to the same chroot here.
-# The verified recipe is in the project's reference notes (real-parts.md, "n8n"): nodejs/npm and
-# native-addon headers from sid inside this chroot, n8n 1.123.x with an xlsx override, native
-# modules (isolated-vm, sqlite3) rebuilt by hand with node-gyp. Use its own stamp file, e.g.
-# "$ROOT/.voxbridge-n8n.stamp", and build on top of sandbox_asterisk's root.
+# n8n, in the same chroot (the verified recipe of the reference notes, real-parts.md "n8n"):
+#   * n8n 2.x cannot be installed from the registries here, and n8n 1.123.x does not run on the
+#     host's Node 20 (its expression engine needs isolated-vm 6, which needs Node >= 22 headers), so
+#     n8n runs on sid's Node 24 inside the chroot, installed with sid's nodejs/npm/node-gyp;
+#   * n8n's `xlsx` dependency points at a tarball outside the registries: an override pins the
+#     registry's xlsx 0.18.5, so nothing is downloaded from anywhere else;
+#   * install scripts are not run (newer npm blocks them by default anyway): the two native addons
+#     n8n needs, isolated-vm and sqlite3, are built by hand with Debian's node-gyp against
+#     libnode-dev (isolated-vm needs `-include cstdint` with gcc 15).
+# n8n lives inside the chroot tree at $N8N_CHROOT_DIR (host: $N8N_DIR), cached with the chroot;
+# it is built in a temporary directory and renamed into place, then $N8N_STAMP is written.
+#
+# The node package (n8n/ in the repo) is built with the HOST's Node.js (20, the machine's own
+# toolchain), not the chroot's: lint, jest and the TypeScript build are developer tools that must
+# work on any developer's or CI's machine without root or the chroot, and the output (CommonJS,
+# ES2019 target) does not depend on the Node version that builds it; the e2e test proves that
+# n8n on Node 24 loads it. It is rebuilt when its sources change (a hash in dist/.build-hash).
 # ---------------------------------------------------------------------------------------------
+N8N_VERSION="${VOXBRIDGE_N8N_VERSION:-1.123.81}"
+N8N_XLSX_VERSION="0.18.5"
+N8N_CHROOT_DIR="/opt/voxbridge-n8n"
+N8N_DIR="$ROOT$N8N_CHROOT_DIR"
+N8N_STAMP="$ROOT/.voxbridge-n8n.stamp"
+N8N_CA_BUNDLE="/etc/ssl/certs/voxbridge-host-ca-bundle.crt"   # inside the chroot
+N8N_APT_PACKAGES="nodejs npm node-gyp libnode-dev python3 make g++ zlib1g-dev libllhttp-dev
+    libada-url-dev libsimdjson-dev libsimdutf-dev libbrotli-dev libc-ares-dev libgtest-dev
+    libhdr-histogram-dev libnghttp2-dev libnghttp3-dev libngtcp2-dev libsqlite3-dev libzstd-dev
+    libicu-dev libuv1-dev libssl-dev ca-certificates"
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+NODE_PKG_DIR="$REPO_DIR/n8n"
+
+# Run a command inside the chroot with a clean environment.
+in_chroot() {
+    chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
+        LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+        NODE_EXTRA_CA_CERTS="$N8N_CA_BUNDLE" npm_config_cafile="$N8N_CA_BUNDLE" \
+        npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false \
+        "$@"
+}
+
+n8n_ready() {
+    [ -f "$N8N_STAMP" ] && grep -q "^n8n $N8N_VERSION " "$N8N_STAMP" \
+        && [ -f "$N8N_DIR/node_modules/n8n/bin/n8n" ]
+}
+
 sandbox_n8n() {
-    die "the n8n sandbox is not yet implemented (tests/e2e/sandbox.sh: sandbox_n8n)"
+    if n8n_ready; then
+        log "n8n ready: $N8N_DIR ($(cat "$N8N_STAMP"))"
+    else
+        [ "$(id -u)" -eq 0 ] || die "installing n8n into the chroot needs root (chroot, apt-get)"
+        install_n8n
+    fi
+    build_node_package
+    echo "$N8N_DIR"
+}
+
+install_n8n() {
+    local started=$SECONDS mounted_proc=""
+    if ! mountpoint -q "$ROOT/proc"; then
+        mount -t proc proc "$ROOT/proc" || die "cannot mount proc at $ROOT/proc"
+        mounted_proc=1
+    fi
+    # The host's CA bundle, for npm's HTTPS inside the chroot, under its own name: the chroot's
+    # ca-certificates package regenerates ca-certificates.crt (without the host's local CAs).
+    mkdir -p "$ROOT/etc/ssl/certs"
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+        cp /etc/ssl/certs/ca-certificates.crt "$ROOT$N8N_CA_BUNDLE"
+    elif [ -f "$ROOT/etc/ssl/certs/ca-certificates.crt" ]; then
+        cp "$ROOT/etc/ssl/certs/ca-certificates.crt" "$ROOT$N8N_CA_BUNDLE"
+    fi
+    [ -s "$ROOT/etc/resolv.conf" ] || cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+
+    local applog="$SANDBOX_DIR/n8n-apt.log" npmlog="$SANDBOX_DIR/n8n-npm.log" gyplog="$SANDBOX_DIR/n8n-gyp.log"
+    log "apt-get install (in the chroot): nodejs npm node-gyp and native-addon headers (log: $applog)"
+    # The sid snapshot served can be older than its Release file's Valid-Until.
+    # shellcheck disable=SC2086
+    if ! { in_chroot apt-get -o Acquire::Check-Valid-Until=false update \
+        && in_chroot apt-get -o Acquire::Check-Valid-Until=false install -y --no-install-recommends \
+            $N8N_APT_PACKAGES; } >"$applog" 2>&1; then
+        tail -n 30 "$applog" >&2 || true
+        [ -n "$mounted_proc" ] && umount -l "$ROOT/proc"
+        die "apt-get in the chroot failed (full log: $applog)"
+    fi
+    log "node $(in_chroot node --version), npm $(in_chroot npm --version) in the chroot"
+
+    local tmpname tmp
+    tmpname="$(basename "$(mktemp -u "$ROOT/opt/.voxbridge-n8n-build.XXXXXX")")"
+    tmp="$ROOT/opt/$tmpname"
+    mkdir -p "$tmp"
+    # shellcheck disable=SC2064
+    trap "rm -rf --one-file-system '$tmp'; [ -n '$mounted_proc' ] && umount -l '$ROOT/proc'" EXIT
+    cat >"$tmp/package.json" <<JSON
+{
+  "name": "voxbridge-n8n-sandbox",
+  "private": true,
+  "description": "n8n for voxbridge's e2e tests (built by tests/e2e/sandbox.sh n8n)",
+  "dependencies": { "n8n": "$N8N_VERSION" },
+  "overrides": { "xlsx": "$N8N_XLSX_VERSION" }
+}
+JSON
+    log "npm install n8n@$N8N_VERSION in the chroot (cold: a few minutes, ~1.9k packages; log: $npmlog)"
+    if ! in_chroot sh -c "cd /opt/$tmpname && npm install --ignore-scripts --no-audit --no-fund --loglevel=warn" \
+        >"$npmlog" 2>&1; then
+        tail -n 40 "$npmlog" >&2 || true
+        die "npm install n8n@$N8N_VERSION failed (full log: $npmlog)"
+    fi
+    # The override must have won: xlsx from the registry, not n8n's tarball from elsewhere.
+    if ! grep -q "\"version\": \"$N8N_XLSX_VERSION\"" "$tmp/node_modules/xlsx/package.json" 2>/dev/null \
+        || grep -q '"resolved": "https\?://cdn' "$tmp/package-lock.json"; then
+        die "xlsx is not the registry's $N8N_XLSX_VERSION (is the override in place?)"
+    fi
+
+    : >"$gyplog"
+    local mod dir dirs flags
+    for mod in isolated-vm sqlite3; do
+        # Every copy npm placed (hoisted or nested), each built for this Node.
+        dirs="$(cd "$tmp" && find . -type d -path "*/node_modules/$mod" -prune | sed 's#^\./##' | sort)"
+        [ -n "$dirs" ] || die "n8n's dependency $mod is not in node_modules"
+        flags=""
+        [ "$mod" = isolated-vm ] && flags="CXXFLAGS='-include cstdint'"
+        for dir in $dirs; do
+            log "building $mod $(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$tmp/$dir/package.json" | head -n 1) with Debian's node-gyp ($dir)"
+            if ! in_chroot sh -c "cd /opt/$tmpname/$dir && $flags /usr/bin/node-gyp rebuild --release" >>"$gyplog" 2>&1; then
+                tail -n 40 "$gyplog" >&2 || true
+                die "building $mod in $dir failed (full log: $gyplog)"
+            fi
+        done
+    done
+    # The addons must load, and n8n must answer --version, before the install counts as done.
+    if ! in_chroot sh -c "cd /opt/$tmpname/node_modules/n8n && node -e \"require('isolated-vm'); require('sqlite3')\"" \
+        >>"$gyplog" 2>&1; then
+        tail -n 20 "$gyplog" >&2 || true
+        die "isolated-vm or sqlite3 does not load after the build (log: $gyplog)"
+    fi
+    local version
+    version="$(in_chroot sh -c "cd /opt/$tmpname && HOME=/tmp node node_modules/n8n/bin/n8n --version" 2>>"$gyplog" | tail -n 1)"
+    [ "$version" = "$N8N_VERSION" ] || die "n8n --version printed '$version', expected $N8N_VERSION (log: $gyplog)"
+
+    rm -rf --one-file-system "$N8N_DIR"
+    mv -T "$tmp" "$N8N_DIR"
+    trap - EXIT
+    [ -n "$mounted_proc" ] && umount -l "$ROOT/proc"
+    echo "n8n $N8N_VERSION node $(in_chroot node --version) installed $(date -u +%Y-%m-%dT%H:%M:%SZ) in $((SECONDS - started))s" \
+        >"$N8N_STAMP"
+    log "n8n installed: $N8N_DIR ($(cat "$N8N_STAMP"))"
+}
+
+# Build the community node package with the host's Node.js (see the comment above).
+build_node_package() {
+    [ -f "$NODE_PKG_DIR/package.json" ] || die "$NODE_PKG_DIR/package.json is missing"
+    command -v npm >/dev/null 2>&1 || die "the host has no npm: the node package is built with the host's Node.js (>= 20)"
+    local hash
+    hash="$(cd "$NODE_PKG_DIR" && find package.json package-lock.json tsconfig.json credentials nodes icons \
+        -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+    if [ -f "$NODE_PKG_DIR/dist/.build-hash" ] && [ "$(cat "$NODE_PKG_DIR/dist/.build-hash")" = "$hash" ]; then
+        log "node package up to date: $NODE_PKG_DIR/dist"
+        return 0
+    fi
+    local buildlog="$SANDBOX_DIR/n8n-node-build.log"
+    mkdir -p "$SANDBOX_DIR"
+    log "building the node package with the host's node $(node --version) (log: $buildlog)"
+    # Install the locked dev tooling only when node_modules is missing or older than the lock file
+    # (cold: ~2 min). `npm install --no-save` rather than `npm ci`: the registry reachable here
+    # serves only the Linux builds of unrs-resolver's optional platform packages, so the lock has no
+    # entries for the others and `npm ci` refuses it as "out of sync"; `install --no-save` installs
+    # the locked versions and leaves the lock file alone.
+    local ci="npm install --no-save --no-audit --no-fund --loglevel=warn"
+    if [ -f "$NODE_PKG_DIR/node_modules/.package-lock.json" ] \
+        && [ ! "$NODE_PKG_DIR/package-lock.json" -nt "$NODE_PKG_DIR/node_modules/.package-lock.json" ]; then
+        ci=true
+    fi
+    if ! (cd "$NODE_PKG_DIR" && $ci && npm run build) >"$buildlog" 2>&1; then
+        tail -n 40 "$buildlog" >&2 || true
+        die "building the node package in $NODE_PKG_DIR failed (full log: $buildlog)"
+    fi
+    echo "$hash" >"$NODE_PKG_DIR/dist/.build-hash"
 }
 
 main() {
