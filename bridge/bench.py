@@ -856,6 +856,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     a.plot(ns, series(lambda s: s["downlink_added_ms"]["p50"]), "s--", label="downlink added p50")
     a.axhline(SERVICE_LEVELS["uplink_p99_ms"], color="red", lw=0.8, ls=":", label="aim p99 ≤ 5 ms")
     a.set_yscale("symlog", linthresh=1)
+    a.set_ylim(bottom=0)  # latencies are never negative: no mirrored axis
     a.set_title("relay latency added by the bridge (ms)")
     a = ax[1]
     a.plot(ns, series(lambda s: s["jitter_ms"]["p50"]), "o--", label="p50")
@@ -863,6 +864,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     a.plot(ns, series(lambda s: s["jitter_ms"]["max"]), "^:", label="max")
     a.axhline(SERVICE_LEVELS["jitter_p99_ms"], color="red", lw=0.8, ls=":", label="aim p99 ≤ 2 ms")
     a.set_yscale("symlog", linthresh=1)
+    a.set_ylim(bottom=0)
     a.set_title("playout inter-frame jitter (ms)")
     a = ax[2]
     a.plot(ns, series(lambda s: s["bridge_cpu_pct"]), "o-", label="bridge CPU %")

@@ -164,6 +164,7 @@ class AillomVoxGateway(Gateway):
         self._uplink_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._direct = False  # settled and the queue drained: write frames from send_audio itself
+        self._direct_capable = False
         self._closed = False
         self.sample_rate = 8000
         self._stats = {"frames_up": 0, "bytes_up": 0, "frames_down": 0, "bytes_down": 0, "dropped_up": 0}
@@ -198,6 +199,10 @@ class AillomVoxGateway(Gateway):
         except websockets.exceptions.ConnectionClosed as exc:
             raise GatewayError(f"gateway closed the connection before the config was sent: {exc}") from None
         self._settled_at = asyncio.get_running_loop().time() + self._settle_s
+        # The direct-write hot path uses websockets' sans-I/O layer under the asyncio connection
+        # (protocol.send_binary + send_data): not public API, so use it only where it exists
+        # and fall back to the public ``send()`` path everywhere else.
+        self._direct_capable = all(hasattr(self._ws, a) for a in ("protocol", "send_data", "send_in_progress"))
         self._sender = asyncio.create_task(self._send_loop(), name=f"gateway-uplink-{self._call}")
         self._log.info(
             "gateway session open: %s provider=%s rate=%d tools=%d",
@@ -255,7 +260,7 @@ class AillomVoxGateway(Gateway):
                     self._stats["frames_up"] += 1
                     self._stats["bytes_up"] += len(pcm)
                 # Settled and caught up: send_audio writes directly again until the next backlog.
-                self._direct = True
+                self._direct = self._direct_capable
         except websockets.exceptions.ConnectionClosed:
             pass  # the receive side reports Closed
 
