@@ -1,0 +1,94 @@
+"""The command line as a user runs it: `voxbridge serve` (no config) + `voxbridge dial`, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bridge.dial import AudioSocketCaller
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def voxbridge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge", *args]
+
+
+@pytest.fixture
+def serve():
+    """Start `voxbridge serve` with no config file (the README's demo); yields (proc, audiosocket port)."""
+    port, api = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXBRIDGE_")}
+    proc = subprocess.Popen(voxbridge("serve", "--audiosocket-listen", f"127.0.0.1:{port}",
+                                      "--api-listen", f"127.0.0.1:{api}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ready = proc.stdout.readline()  # "voxbridge … ready: AudioSocket on …" once listening
+    assert "ready: AudioSocket on" in ready, (ready, proc.stderr.read() if proc.poll() is not None else "")
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+
+
+def test_demo_serve_and_dial(serve):
+    proc, port = serve
+    res = subprocess.run(voxbridge("dial", "--to", f"127.0.0.1:{port}", "--duration", "5"),
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "received" in out and "non-silent" in out
+    # The embedded reference gateway greeted the caller and echoed it: audio came back.
+    received = float(out.split("received")[1].split("s audio")[0])
+    assert received > 4.0
+
+
+async def test_sigterm_ends_calls_gracefully_and_exits(serve):
+    proc, port = serve
+    caller = AudioSocketCaller()
+    await caller.connect("127.0.0.1", port)
+    assert await caller.wait_audio(320 * 25, timeout=5)  # the call is up (silence or greeting)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert await caller.wait_ended(5) == "hangup-frame"  # 0x00: the dialplan would continue
+    rc = await asyncio.to_thread(proc.wait, 10)
+    assert rc == 0 and time.monotonic() - t0 < 8
+    await caller.aclose()
+    err = proc.stderr.read()
+    assert "call ended: shutdown" in err and "Traceback" not in err
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audiosocket: {max_calls: lots}\n")
+    res = subprocess.run(voxbridge("serve", "--config", str(bad)), capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert "audiosocket.max_calls: Input should be a valid integer" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_port_in_use_is_reported_not_traced():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = subprocess.run(voxbridge("serve", "--audiosocket-listen", f"127.0.0.1:{port}",
+                                       "--api-listen", f"127.0.0.1:{free_port()}"),
+                             capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert f"cannot listen for AudioSocket on 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr
