@@ -204,6 +204,11 @@ class CallStore:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxbridge-store")
         try:
             await self._run(self._open)
+        except (sqlite3.Error, OSError) as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            # An OSError names the path for the CLI's one-line error, instead of a traceback.
+            raise OSError(f"cannot open the call history {self.path}: {exc} (store.path)") from None
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None

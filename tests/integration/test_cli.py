@@ -92,3 +92,15 @@ def test_port_in_use_is_reported_not_traced():
     assert res.returncode == 1
     assert f"cannot listen for AudioSocket on 127.0.0.1:{port}" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_unwritable_store_is_reported_not_traced(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store: {{path: {blocker}/calls.db}}\napi: {{enabled: false}}\n"
+                   f"audiosocket: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    res = subprocess.run(voxbridge("serve", "--config", str(cfg)), capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert "cannot open the call history" in res.stderr and "store.path" in res.stderr
+    assert "Traceback" not in res.stderr
