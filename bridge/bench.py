@@ -127,7 +127,10 @@ def _dump_bridge_stats(bridge: Any, path: str) -> None:
     stats = {
         "pid": os.getpid(),
         "period": clock.period,
-        "phase": clock._next % clock.period if len(clock) else None,  # loop.time() is CLOCK_MONOTONIC
+        # Each call is served on its own phase (the clock spreads calls over phase groups):
+        # loop.time() is CLOCK_MONOTONIC, the same clock the callers stamp arrivals with.
+        "call_phases": {str(int(_uuid.UUID(cid)) & 0xFFFFFFFF): clock.phase_of(s)
+                        for cid, s in bridge.sessions.items()},
         "clock": clock.stats(),
         "sessions": len(bridge.sessions),
         "frames_out_dropped": dropped,
@@ -743,8 +746,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
                 continue
             clock.append(st["clock"])
             dropped += st["frames_out_dropped"]
-            if st["phase"] is not None:
-                phases.update({c: st["phase"] for c in st["calls"]})
+            phases.update({int(c): ph for c, ph in st["call_phases"].items() if ph is not None})
         res = _analyse(_load_callers(m["files"]), phases)
     finally:
         for w in workers:

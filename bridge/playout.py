@@ -121,39 +121,64 @@ class Sink(Protocol):
 class PlayoutClock:
     """The process-wide 20 ms scheduler.
 
-    Sinks are called in registration order on every tick; a sink that raises is removed
-    and logged, the others carry on. The clock runs only while it has sinks.
+    Every sink gets ``on_tick()`` exactly once per period, on an absolute schedule. Sinks are
+    spread over ``phases`` groups served one after another, ``period / phases`` apart (with 4:
+    a sub-tick every 5 ms, each serving a quarter of the calls). Each call still hears one frame
+    every 20 ms, on its own fixed phase; what changes is that the loop never stops for all
+    calls' writes at once, so reading the callers' audio (uplink latency) and the ticks
+    themselves are not held up behind one long burst of work. A sink that raises is removed
+    and logged; the others carry on. The clock runs only while it has sinks.
     """
 
-    def __init__(self, period: float = FRAME_S, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, period: float = FRAME_S, clock: Callable[[], float] | None = None, phases: int = 4) -> None:
         self.period = period
-        self._sinks: dict[int, Sink] = {}
+        self.phases = max(1, int(phases))
+        self._step = period / self.phases
+        self._groups: list[dict[int, Sink]] = [{} for _ in range(self.phases)]
+        self._group_of: dict[int, int] = {}
+        self._cur = 0
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next = 0.0
-        self.ticks = 0
-        self.late_ticks = 0  # ticks that fired more than one period after they were due
+        self.ticks = 0  # sub-ticks
+        self.late_ticks = 0  # sub-ticks that fired a whole period or more after they were due
         self.skipped_ticks = 0
         self.max_lateness = 0.0
-        # Per tick, in 0.1 ms buckets (the last one is "100 ms or more"): how late it fired on
-        # the monotonic clock, and how long serving every sink took. One increment per tick,
-        # not per call; the load benchmark reads the percentiles from stats().
+        # Per sub-tick, in 0.1 ms buckets (the last one is "100 ms or more"): how late it fired
+        # on the monotonic clock, and how long serving its sinks took. One increment per
+        # sub-tick, not per call; the load benchmark reads the percentiles from stats().
         self.lateness_hist = [0] * (_HIST_BUCKETS + 1)
         self.cost_hist = [0] * (_HIST_BUCKETS + 1)
 
     def __len__(self) -> int:
-        return len(self._sinks)
+        return len(self._group_of)
 
     def add(self, sink: Sink) -> None:
-        self._sinks[id(sink)] = sink
+        key = id(sink)
+        if key in self._group_of:
+            return
+        group = min(range(self.phases), key=lambda i: len(self._groups[i]))  # keeps groups balanced
+        self._groups[group][key] = sink
+        self._group_of[key] = group
         if self._handle is None:
             self._loop = asyncio.get_running_loop()
-            self._next = self._loop.time() + self.period
+            self._cur = 0
+            self._next = self._loop.time() + self._step
             self._handle = self._loop.call_at(self._next, self._tick)
 
+    def phase_of(self, sink: Sink) -> float | None:
+        """When ``sink`` is served, as loop time modulo the period (None if not registered)."""
+        group = self._group_of.get(id(sink))
+        if group is None or self._handle is None:
+            return None
+        # The sub-tick due at self._next serves group self._cur; the others follow a step apart.
+        return (self._next + ((group - self._cur) % self.phases) * self._step) % self.period
+
     def remove(self, sink: Sink) -> None:
-        self._sinks.pop(id(sink), None)
-        if not self._sinks and self._handle is not None:
+        group = self._group_of.pop(id(sink), None)
+        if group is not None:
+            self._groups[group].pop(id(sink), None)
+        if not self._group_of and self._handle is not None:
             self._handle.cancel()
             self._handle = None
 
@@ -167,29 +192,35 @@ class PlayoutClock:
         self.ticks += 1
         t0 = time.monotonic()
         self.lateness_hist[min(max(int((t0 - self._next) * 10_000), 0), _HIST_BUCKETS)] += 1
-        for key, sink in list(self._sinks.items()):
+        group = self._groups[self._cur]
+        for key, sink in list(group.items()):
             try:
                 sink.on_tick()
             except Exception:  # noqa: BLE001 - one broken call must not silence the others
                 log.exception("playout sink failed; removing it")
-                self._sinks.pop(key, None)
+                group.pop(key, None)
+                self._group_of.pop(key, None)
         self.cost_hist[min(int((time.monotonic() - t0) * 10_000), _HIST_BUCKETS)] += 1
-        self._next += self.period
+        self._cur = (self._cur + 1) % self.phases
+        self._next += self._step
         if lateness >= self.period:
-            # Held up by a whole period or more: skip what was missed, keep the phase.
+            # Held up by a whole period or more: skip what was missed (each group keeps its
+            # phase), never replay it.
             self.late_ticks += 1
-            missed = int((loop.time() - self._next) // self.period) + 1
+            missed = int((loop.time() - self._next) // self._step) + 1
             if missed > 0:
                 self.skipped_ticks += missed
-                self._next += missed * self.period
-        if self._sinks:
+                self._next += missed * self._step
+                self._cur = (self._cur + missed) % self.phases
+        if self._group_of:
             self._handle = loop.call_at(self._next, self._tick)
         else:
             self._handle = None
 
     def stats(self) -> dict[str, float]:
         return {
-            "sinks": len(self._sinks),
+            "sinks": len(self._group_of),
+            "phases": self.phases,
             "ticks": self.ticks,
             "late_ticks": self.late_ticks,
             "skipped_ticks": self.skipped_ticks,

@@ -177,3 +177,33 @@ async def test_a_failing_sink_is_removed_and_the_others_keep_ticking():
     await asyncio.wait_for(got.wait(), 2)
     assert len(clock) == 1
     clock.remove(good)
+
+
+async def test_calls_are_spread_over_phases_each_still_once_per_period():
+    loop = asyncio.get_running_loop()
+    clock = PlayoutClock(phases=4)
+    times: dict[int, list[float]] = {i: [] for i in range(8)}
+    done = asyncio.Event()
+
+    class Sink:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def on_tick(self) -> None:
+            times[self.i].append(loop.time())
+            if all(len(t) >= 20 for t in times.values()):
+                done.set()
+
+    sinks = [Sink(i) for i in range(8)]
+    for s in sinks:
+        clock.add(s)
+    assert sorted(len(g) for g in clock._groups) == [2, 2, 2, 2]  # balanced: 2 calls per phase
+    await asyncio.wait_for(done.wait(), 5)
+    for s in sinks:
+        clock.remove(s)
+    for t in times.values():
+        gaps = np.diff(t[:20])
+        assert abs(float(np.median(gaps)) - 0.020) < 0.002  # each call: one frame per 20 ms
+        assert gaps.min() > 0.010  # never two in a burst
+    firsts = sorted({round((times[i][5] - times[0][5]) % 0.020 * 1000) % 20 for i in range(8)})
+    assert len(firsts) == 4  # four distinct phases, a quarter period apart
