@@ -119,6 +119,14 @@ class Bridge:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
+        """Start every part; if one fails, stop those already started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         if self.gateway_url is None and self._gateway_factory is None:
             from .gateway.sim import GatewaySim
@@ -189,11 +197,13 @@ class Bridge:
             self.api = None
         if self.webhooks is not None:
             await self.webhooks.close()  # after the calls: their call.ended gets a chance to go out
+            self.webhooks = None
         if self.store is not None:
             await self.store.close()
             self.store = None
         if self._webhook_http is not None:
             await self._webhook_http.aclose()
+            self._webhook_http = None
         await self.http.aclose()
 
     async def __aenter__(self) -> Bridge:

@@ -435,3 +435,25 @@ async def test_audio_held_while_the_gateway_connects_is_resampled(make_bridge, s
     first = bytes(session.audio[: 16000 * 2 * 3 // 10])  # the first 0.3 s the gateway got
     assert dominant_hz(first, 16000) == pytest.approx(1000, abs=20)  # not 500 Hz (8 kHz read as 16)
     await caller.aclose()
+
+
+async def test_a_failed_start_leaves_nothing_running(sim, no_leaked_tasks):
+    import socket as _socket
+
+    from bridge.app import Bridge
+    from bridge.config import Config
+
+    with _socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        bridge = Bridge(Config.model_validate({
+            "audiosocket": {"listen": f"127.0.0.1:{port}"}, "api": {"enabled": False},
+            "gateway": {"url": sim.url, "api_key": API_KEY},
+            "ami": {"enabled": True, "port": 9, "secret": "x"},  # nothing listens: it would retry forever
+        }))
+        with pytest.raises(OSError, match=f"cannot listen for AudioSocket on 127.0.0.1:{port}"):
+            await bridge.start()
+    assert bridge.store is None and bridge.ami._runner is None
+    await no_leaked_tasks()
+    await bridge.stop()  # and stopping again is harmless
