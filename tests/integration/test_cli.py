@@ -104,3 +104,29 @@ def test_unwritable_store_is_reported_not_traced(tmp_path):
     assert res.returncode == 1
     assert "cannot open the call history" in res.stderr and "store.path" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_serve_with_a_gateway_url_takes_the_key_from_the_environment():
+    from bridge.gateway.sim import GatewaySim
+
+    async with GatewaySim(accepted_keys={"av_env_key_0123"}) as sim:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VOXBRIDGE_")}
+        env["VOXBRIDGE_GATEWAY_API_KEY"] = "av_env_key_0123"
+        proc = await asyncio.create_subprocess_exec(
+            *voxbridge("serve", "--gateway-url", sim.url, "--audiosocket-listen", f"127.0.0.1:{port}",
+                       "--api-listen", f"127.0.0.1:{free_port()}"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        try:
+            assert b"ready: AudioSocket on" in await asyncio.wait_for(proc.stdout.readline(), 20)
+            caller = AudioSocketCaller()
+            await caller.connect("127.0.0.1", port)
+            session = await sim.next_session(10)
+            config = await session.wait_accepted()
+            assert config["apikey"] == "av_env_key_0123" and config["provider"] == "aillomvox"
+            await caller.aclose()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        err = (await proc.stderr.read()).decode()
+        assert "av_env_key_0123" not in err  # never logged
