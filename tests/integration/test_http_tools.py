@@ -24,6 +24,7 @@ from bridge.config import ToolConfig
 from tools.base import ToolRegistry
 from tools.http import HttpTool, make_client
 from tools.router import ToolOutcome, ToolRouter
+from tests.fakes import FakeCall
 
 SECRET = "n8n-shared-secret"
 TOKEN = "header-auth-token-1"
@@ -128,29 +129,6 @@ class ToolServer:
         yield b'"}'
 
 
-class FakeCall:
-    call_id = "call-7"
-    profile_name = "support"
-    variables = {"lang": "en"}
-    metadata = {"ticket": "T-9"}
-    channel = None
-    playout_pending_ms = 0
-
-    async def wait_playout(self, max_wait: float) -> None:
-        return None
-
-    def end(self, reason: str, *, after_speech: bool = True) -> None:
-        pass
-
-    def note_handoff(self, reason: str | None) -> None:
-        pass
-
-    def context(self) -> dict[str, Any]:
-        return {"call_id": self.call_id, "profile": "support", "direction": "inbound", "caller": "+15550100",
-                "caller_name": "", "called": "100", "channel": "PJSIP/trunk-0007",
-                "variables": {"lang": "en"}, "metadata": {"ticket": "T-9"}}
-
-
 @pytest.fixture
 async def server():
     s = ToolServer()
@@ -181,7 +159,8 @@ async def call_tool(tool: HttpTool, args: dict[str, Any], *, tool_call_id: str =
         assert not answered.done(), "a second result was sent"
         answered.set_result((call_id, text, loop.time()))
 
-    router = ToolRouter(registry, FakeCall(), send, deadline=deadline)
+    router = ToolRouter(registry, FakeCall("call-7", profile="support", caller="+15550100", called="100", channel_name="PJSIP/trunk-0007",
+                                      variables={"lang": "en"}, metadata={"ticket": "T-9"}), send, deadline=deadline)
     t0 = loop.time()
     router.dispatch(tool_call_id, tool.name, args)
     call_id, text, t1 = await answered

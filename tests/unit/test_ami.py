@@ -12,6 +12,7 @@ from bridge.ami import AmiMessage, AmiParser, encode_action
 from bridge.channels import ChannelTracker, uuid_from_app
 from tools.ami import Telephony
 from tools.base import ToolError
+from tests.fakes import FakeCall
 
 U = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
@@ -115,11 +116,6 @@ async def test_resync_rebuilds_from_core_show_channels():
     assert len(t) == 1 and t.get(U).name == "PJSIP/200-7"
 
 
-class FakeCall:
-    call_id = "c1"
-    channel = None
-
-
 def telephony(**kw) -> Telephony:
     args = dict(transfer_allow=["operators,1\\d\\d", "sales,200"], originate_allow=[r"\+?44\d{10}", "answer"],
                 originate_channel="Local/{destination}@out", originate_context="ctx", originate_exten="s")
@@ -129,11 +125,11 @@ def telephony(**kw) -> Telephony:
 
 def test_transfer_allowlist(caplog):
     t = telephony()
-    assert t.check_transfer(FakeCall(), "101", None) == ("operators", "101")
-    assert t.check_transfer(FakeCall(), "200", "sales") == ("sales", "200")
+    assert t.check_transfer(FakeCall("c1"), "101", None) == ("operators", "101")
+    assert t.check_transfer(FakeCall("c1"), "200", "sales") == ("sales", "200")
     for exten, ctx in [("1000", None), ("200", "operators"), ("666", None), ("10", None), ("101;2", None)]:
         with pytest.raises(ToolError, match="not allowed"):
-            t.check_transfer(FakeCall(), exten, ctx)
+            t.check_transfer(FakeCall("c1"), exten, ctx)
     assert "SECURITY refused transfer of call c1" in caplog.text
 
 
@@ -149,12 +145,5 @@ def test_originate_allowlist_is_a_full_match(caplog):
 async def test_tools_refuse_clearly_without_ami():
     from tools.ami import TransferTool
 
-    class Call(FakeCall):
-        async def wait_playout(self, max_wait):
-            return None
-
-        def note_handoff(self, reason):
-            pass
-
     with pytest.raises(ToolError, match="no AMI connection configured"):
-        await TransferTool(telephony()).run(Call(), {"extension": "101"})
+        await TransferTool(telephony()).run(FakeCall("c1"), {"extension": "101"})

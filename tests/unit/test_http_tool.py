@@ -18,31 +18,14 @@ from bridge import __version__
 from bridge.config import ToolConfig
 from tools.base import TOOL_CALL_ID, ToolError
 from tools.http import HttpTool, build_http_tools, expand_headers, interpret_response, make_client, sign
+from tests.fakes import FakeCall
 
 SECRET = "hmac-secret-never-logged"
 
 
-class FakeCall:
-    call_id = "call-42"
-    profile_name = "sales"
-    variables = {"lang": "de"}
-    metadata = {"crm_id": 7}
-    channel = None
-    playout_pending_ms = 0
-
-    async def wait_playout(self, max_wait: float) -> None:
-        return None
-
-    def end(self, reason: str, *, after_speech: bool = True) -> None:
-        pass
-
-    def note_handoff(self, reason: str | None) -> None:
-        pass
-
-    def context(self) -> dict[str, Any]:
-        return {"call_id": self.call_id, "profile": "sales", "direction": "inbound", "caller": "+4930111",
-                "caller_name": "Ada", "called": "200", "channel": "PJSIP/trunk-0001",
-                "variables": {"lang": "de"}, "metadata": {"crm_id": 7}}
+def sales_call() -> FakeCall:
+    return FakeCall("call-42", profile="sales", caller="+4930111", caller_name="Ada", called="200",
+                    channel_name="PJSIP/trunk-0001", variables={"lang": "de"}, metadata={"crm_id": 7})
 
 
 def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
@@ -81,7 +64,7 @@ async def test_request_is_signed_over_the_exact_bytes_sent(monkeypatch: pytest.M
         tool = HttpTool("lookup", cfg(hmac_secret=SECRET, headers={"X-N8N-Auth": "Bearer ${N8N_TOKEN}"}), client)
         TOOL_CALL_ID.set("tc-1")
         before = int(time.time())
-        assert await tool.run(FakeCall(), {"order_id": "A-1"}) == "ok"
+        assert await tool.run(sales_call(), {"order_id": "A-1"}) == "ok"
 
     (req,) = seen
     raw = req.content
@@ -114,7 +97,7 @@ async def test_unsigned_without_a_secret_and_method_is_configurable() -> None:
 
     async with mock_client(handler) as client:
         tool = HttpTool("t", cfg(method="PUT"), client)
-        assert await tool.run(FakeCall(), {}) == "done"
+        assert await tool.run(sales_call(), {}) == "done"
     assert seen[0].method == "PUT"
     assert "X-Voxbridge-Signature" not in seen[0].headers
     assert "X-Voxbridge-Timestamp" not in seen[0].headers
@@ -123,12 +106,11 @@ async def test_unsigned_without_a_secret_and_method_is_configurable() -> None:
 
 
 async def test_call_context_missing_keys_fall_back_to_the_call() -> None:
-    class Bare(FakeCall):
-        def context(self) -> dict[str, Any]:
-            return {"call_id": self.call_id}
+    bare = sales_call()
+    bare.context = lambda: {"call_id": bare.call_id}  # a call that knows nothing more
 
     async with mock_client(lambda r: httpx.Response(200, json=1)) as client:
-        body = json.loads(HttpTool("t", cfg(), client).request_body(Bare(), {}, "tc"))
+        body = json.loads(HttpTool("t", cfg(), client).request_body(bare, {}, "tc"))
     assert body["call"] == {"caller": None, "called": None, "channel": None, "profile": "sales",
                             "direction": None, "variables": {"lang": "de"}, "metadata": {"crm_id": 7}}
 
@@ -256,7 +238,7 @@ async def test_retries_stop_before_the_deadline_and_never_log_secrets(
                                     retries=5, hmac_secret=SECRET, headers={"X-N8N-Auth": "${N8N_TOKEN}"}), client)
         t0 = loop.time()
         with pytest.raises(ToolError, match=r"^the busy service failed \(HTTP 503\): busy$"):
-            await tool.run(FakeCall(), {})
+            await tool.run(sales_call(), {})
         elapsed = loop.time() - t0
     # 0.2 s + 0.4 s of back-off already reach the 0.6 s budget: the third attempt is never
     # started, and the answer comes before the deadline rather than as a timeout.
@@ -277,7 +259,7 @@ async def test_4xx_is_not_retried() -> None:
 
     async with mock_client(handler) as client:
         with pytest.raises(ToolError, match=r"HTTP 429\): slow down"):
-            await HttpTool("t", cfg(retries=5), client).run(FakeCall(), {})
+            await HttpTool("t", cfg(retries=5), client).run(sales_call(), {})
     assert attempts == 1
 
 
@@ -290,7 +272,7 @@ async def test_redirects_are_not_followed() -> None:
 
     async with mock_client(handler) as client:
         with pytest.raises(ToolError, match=r"HTTP 301"):
-            await HttpTool("t", cfg(), client).run(FakeCall(), {})
+            await HttpTool("t", cfg(), client).run(sales_call(), {})
     assert seen == ["https://n8n.test/webhook/lookup"]
 
 

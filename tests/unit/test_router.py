@@ -4,36 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import pytest
 
 from tools.base import Tool, ToolError, ToolRegistry
 from tools.router import ToolRouter
-
-
-class FakeCall:
-    call_id = "call-1"
-    profile_name = "default"
-    variables: dict[str, str] = {}
-    metadata: dict[str, Any] = {}
-    channel = None
-    playout_pending_ms = 0
-
-    def __init__(self) -> None:
-        self.ended: list[tuple[str, bool]] = []
-
-    async def wait_playout(self, max_wait: float) -> None:
-        return None
-
-    def end(self, reason: str, *, after_speech: bool = True) -> None:
-        self.ended.append((reason, after_speech))
-
-    def note_handoff(self, reason: str | None) -> None:
-        self.handoff = reason
-
-    def context(self) -> dict[str, Any]:
-        return {"call_id": self.call_id}
+from tests.fakes import FakeCall
 
 
 class Echo(Tool):
