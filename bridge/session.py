@@ -54,6 +54,8 @@ PRECONNECT_FRAMES = 100
 #: "After the current sentence": wait for the queue to drain, then this long for more speech.
 SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
+#: How long tools still running may take to answer after the call was handed to Asterisk.
+HANDOFF_GRACE_S = 2.0
 #: Gateway error messages that mean "the call is over" rather than "the gateway failed".
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
 
@@ -421,7 +423,10 @@ class CallSession(CallControl):
         me = asyncio.current_task()
         gateway_alive = self.gateway is not None and not reason.startswith(("gateway", "fallback"))
         if self.router is not None:
-            await self.router.aclose(answer_pending=gateway_alive)
+            # Ended by a handoff a tool started (transfer, AMI hangup): give that tool a moment
+            # to report what Asterisk answered, rather than "the call has ended".
+            handed_off = self._handoff is not None and reason == self._handoff
+            await self.router.aclose(answer_pending=gateway_alive, grace=HANDOFF_GRACE_S if handed_off else 0.0)
         owned = [t for t in self._tasks if t is not me]
         for t in owned:
             t.cancel()

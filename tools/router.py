@@ -151,8 +151,15 @@ class ToolRouter:
         if outcome.origin == "gateway" and not self._closed:
             await self._send(outcome.call_id, text)
 
-    async def aclose(self, *, answer_pending: bool = True) -> None:
-        """Cancel running tools; answer open gateway calls with 'the call has ended' if asked."""
+    async def aclose(self, *, answer_pending: bool = True, grace: float = 0.0) -> None:
+        """Cancel running tools; answer open gateway calls with 'the call has ended' if asked.
+
+        ``grace``: first let running tools finish for up to this long. The call ended because
+        a tool handed it to Asterisk (a transfer's Redirect closes the AudioSocket before AMI's
+        Response reaches the tool): that tool's real result must win over "the call has ended".
+        """
+        if grace > 0 and self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=grace)
         open_outcomes = [o for o in self.outcomes if o.call_id not in self._answered]
         if answer_pending:
             for o in open_outcomes:

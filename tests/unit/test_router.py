@@ -242,3 +242,30 @@ async def test_end_call_ends_after_speech():
     result = await EndCall().run(call, {"reason": "caller said bye"})
     assert call.ended == [("ai:caller said bye", True)]
     assert "ends after" in result
+
+
+async def test_close_with_grace_lets_a_finishing_tool_give_its_real_result(registry):
+    """A transfer's Redirect ends the call before AMI's Response reaches the tool: the tool's
+    own answer must win over 'the call has ended'."""
+    res = Results()
+    gated = Gated()
+    registry.register(gated)
+    router = make_router(registry, res)
+    router.dispatch("t1", "gated", {"n": "transferred"})
+    await asyncio.sleep(0)  # the tool is now waiting for Asterisk
+    closing = asyncio.create_task(router.aclose(grace=2.0))
+    await asyncio.sleep(0)
+    gated.gate.set()  # the Response arrives while the call is being torn down
+    await closing
+    assert res.by_id() == {"t1": ["transferred"]}
+
+
+async def test_close_without_grace_answers_at_once(registry):
+    res = Results()
+    gated = Gated()
+    registry.register(gated)
+    router = make_router(registry, res)
+    router.dispatch("t1", "gated", {"n": "late"})
+    await asyncio.sleep(0)
+    await asyncio.wait_for(router.aclose(), 0.5)  # a caller hangup must not wait for tools
+    assert res.by_id() == {"t1": [json.dumps({"error": "the call has ended", "tool": "gated"})]}
