@@ -36,6 +36,7 @@ from .playout import PlayoutClock
 from .server import AudioSocketConnection, start_server
 from .session import CallSession, CallSettings
 from .store import CallStore
+from .supervise import Supervisor
 from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("voxbridge")
@@ -82,6 +83,9 @@ class Bridge:
         self.sessions: dict[str, CallSession] = {}
         self.connections: set[AudioSocketConnection] = set()
         self.metrics: collections.Counter[str] = collections.Counter()
+        #: Set when a long-lived part crashed beyond repair: ``voxbridge serve`` then stops and exits 1.
+        self.failed = asyncio.Event()
+        self.supervisor = Supervisor(self._part_failed)
         self._gateway_factory = gateway_factory
         self._server: asyncio.Server | None = None
         self._sim: Any = None
@@ -117,6 +121,10 @@ class Bridge:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
     # ------------------------------------------------------------------ life cycle
+
+    def _part_failed(self, name: str, exc: BaseException) -> None:
+        log.critical("%s is broken (%r): the bridge must be restarted", name, exc)
+        self.failed.set()
 
     async def start(self) -> None:
         """Start every part; if one fails, stop those already started and re-raise."""
@@ -190,6 +198,7 @@ class Bridge:
         if self._sim is not None:
             await self._sim.stop()
             self._sim = None
+        await self.supervisor.stop()
         if self.ami is not None:
             await self.ami.stop()
         if self.api is not None:

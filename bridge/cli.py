@@ -69,12 +69,17 @@ async def _serve(args: argparse.Namespace) -> int:
           + (f", gateway {bridge.gateway_url} (embedded demo)" if cfg.gateway.url is None else ""), flush=True)
     if cfg.gateway.url is None:
         print(f"place a test call:  voxbridge dial --to {host}:{port}", flush=True)
+    stopping = asyncio.ensure_future(stop.wait())
+    broken = asyncio.ensure_future(bridge.failed.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        logging.getLogger("voxbridge").info("stopping (signal received)")
+        stopping.cancel()
+        broken.cancel()
+        logging.getLogger("voxbridge").info("stopping (%s)", "a part failed" if bridge.failed.is_set()
+                                            else "signal received")
         await bridge.stop()
-    return 0
+    return 1 if bridge.failed.is_set() else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

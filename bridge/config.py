@@ -167,6 +167,10 @@ class GatewayConfig(_Model):
     connect_timeout: float = Field(5.0, gt=0, le=60)
     settle_ms: int = Field(500, ge=0, le=5000, description="hold caller audio this long after config")
     settle_buffer_ms: int = Field(2000, ge=0, le=10000, description="most caller audio held while settling")
+    demo: bool = Field(False, description="run the embedded reference gateway (no url, no key): demos only")
+    keepalive_interval: float = Field(5.0, gt=0, le=60, description="WebSocket ping every this many seconds")
+    keepalive_timeout: float = Field(10.0, gt=0, le=120,
+                                     description="a ping unanswered this long means the gateway is gone")
 
     @field_validator("url")
     @classmethod
@@ -209,6 +213,11 @@ class Allowlist(_Model):
     originate: list[str] = Field(default_factory=list, description="regexes a destination must fully match")
     calls: list[str] = Field(default_factory=list,
                              description="destinations the API may start AI calls to (regexes, full match)")
+    webhooks: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1", "http://localhost", "http://[::1]"],
+        description="URL prefixes webhook subscriptions may point at (scheme, host and optional port/path "
+                    "compared after parsing); the default allows a receiver on this host, e.g. n8n",
+    )
 
     @field_validator("transfer")
     @classmethod
@@ -269,6 +278,8 @@ class ApiConfig(_Model):
     enabled: bool = True
     listen: str = "127.0.0.1:8080"
     token: SecretStr | None = None
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies are refused (413)")
+    max_webhooks: int = Field(50, ge=1, le=10000, description="most webhook subscriptions at once")
 
     _v = field_validator("listen")(lambda v: _listen(v, "api.listen"))
 
@@ -301,6 +312,8 @@ class ToolConfig(_Model):
 class StoreConfig(_Model):
     path: Path | None = Field(None, description="SQLite call history; unset = in memory only")
     redact_args: list[str] = Field(default_factory=list, description="tool argument names stored as '***'")
+    retention_days: float | None = Field(90, gt=0, description="ended calls older than this are deleted; "
+                                                               "null keeps them forever")
 
 
 class Config(_Model):
@@ -313,6 +326,8 @@ class Config(_Model):
     originate: OriginateConfig = Field(default_factory=OriginateConfig)
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)
     tool_deadline: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX)
+    tool_concurrency: int = Field(8, ge=1, le=256, description="most tool calls running at once per call; "
+                                                               "more are answered at once with a 'busy' error")
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
     default_profile: str = "default"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
