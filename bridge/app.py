@@ -416,6 +416,19 @@ class Bridge:
             "# HELP voxbridge_ami_connected 1 if the AMI connection is up.", "# TYPE voxbridge_ami_connected gauge",
             f"voxbridge_ami_connected {int(bool(self.ami and self.ami.connected.is_set()))}",
         ]
+        store = self.store
+        lines += [
+            "# HELP voxbridge_store_errors_total Call-history writes that failed (each is logged).",
+            "# TYPE voxbridge_store_errors_total counter", f"voxbridge_store_errors_total {store.errors if store else 0}",
+            "# HELP voxbridge_store_dropped_total Call-history events dropped (write queue full or closed).",
+            "# TYPE voxbridge_store_dropped_total counter", f"voxbridge_store_dropped_total {store.dropped if store else 0}",
+            "# HELP voxbridge_part_crashes_total Unexpected exceptions in long-lived parts (each logged with its traceback).",
+            "# TYPE voxbridge_part_crashes_total counter",
+        ]
+        for part, n in sorted(self.supervisor.crashes.items()):
+            lines.append(f'voxbridge_part_crashes_total{{part="{part}"}} {n}')
+        lines += ["# HELP voxbridge_tool_calls_total Tool calls answered, by outcome.",
+                  "# TYPE voxbridge_tool_calls_total counter"]
         for outcome, n in sorted((k[len("tool_"):], v) for k, v in m.items() if k.startswith("tool_")):
             lines.append(f'voxbridge_tool_calls_total{{outcome="{outcome}"}} {n}')
         return "\n".join(lines) + "\n"
