@@ -8,7 +8,9 @@
 #
 # Environment:
 #   VOXBRIDGE_SANDBOX_DIR  cache directory (default: $HOME/.cache/voxbridge); the chroot is <dir>/sid
-#   DEBIAN_MIRROR          Debian mirror for debootstrap
+#   DEBIAN_MIRROR          Debian mirror for debootstrap (default: the host's own Debian mirror, read
+#                          from its apt sources, so the chroot comes from wherever this machine's
+#                          packages come from)
 #
 # Why a chroot: Debian 12 ships no Asterisk package, and installing sid packages on the host would
 # upgrade libc and hundreds of packages. The chroot shares the host's network namespace, so AMI and
@@ -18,7 +20,19 @@
 # complete, then a stamp file is written. A second run sees the stamp and returns immediately.
 set -euo pipefail
 
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The host's Debian archive: the first URI of a deb822 .sources entry (or a one-line sources.list
+# entry) whose path ends in /debian — not the -security archive, not third-party repositories.
+host_debian_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        awk 'tolower($1) == "uris:" { for (i = 2; i <= NF; i++) if ($i ~ /\/debian\/?$/) { print $i; exit } }' "$f"
+    done | head -n 1 | grep . && return 0
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) { print $i; exit } }' \
+        | head -n 1 | grep .
+}
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-$(host_debian_mirror || true)}"
 SANDBOX_DIR="${VOXBRIDGE_SANDBOX_DIR:-$HOME/.cache/voxbridge}"
 ROOT="$SANDBOX_DIR/sid"
 ASTERISK_STAMP="$ROOT/.voxbridge-asterisk.stamp"
@@ -54,6 +68,7 @@ sandbox_asterisk() {
         die "$ROOT exists but has no completion stamp: remove it (umount $ROOT/proc first if mounted) and re-run"
     fi
     ensure_debootstrap
+    [ -n "$DEBIAN_MIRROR" ] || die "no Debian mirror found in this machine's apt sources (/etc/apt/sources.list*): set DEBIAN_MIRROR"
     mkdir -p "$SANDBOX_DIR"
 
     local tmp
