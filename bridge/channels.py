@@ -133,7 +133,14 @@ class ChannelTracker:
                 self._record(key, info, authoritative=False)
 
     async def resync(self, ami: AmiClient) -> None:
-        """Rebuild from CoreShowChannels (after every AMI connect)."""
+        """Rebuild from CoreShowChannels (after every AMI connect).
+
+        Only a completed list replaces the map. If Asterisk answers Error (the AMI account lacks
+        the ``reporting`` write class, say) or the list does not arrive, AmiError propagates and
+        the map is left as it was: an empty map would make every call in progress lose its
+        channel (no transfer, no hangup), while the old entries are still mostly right and events
+        keep correcting them.
+        """
         events = await ami.action_list("CoreShowChannels", "CoreShowChannelsComplete", timeout=10)
         fresh: dict[str, ChannelInfo] = {}
         for ev in events:

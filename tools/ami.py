@@ -5,14 +5,26 @@ the allowlists in config before AMI is touched; a refusal is a tool error that n
 reason, and it is logged as a security event. Transfers and originates always use priority 1.
 Every action awaits Asterisk's Response (by ActionID, with a deadline) before reporting
 success — "transfer silently does nothing" is the most common complaint about peer bridges.
+
+Every failure here is a :class:`ToolError` with a sentence the AI (or the API caller) can use:
+an AMI error, a value AMI cannot carry (a control character in an extension: bridge/ami_protocol.py
+refuses it rather than let it inject AMI commands), a missing connection. Nothing else escapes.
+
+A Redirect or Hangup takes the channel away from the bridge, and the socket closing must not then
+be recorded as the caller hanging up: the session is told first (``note_handoff``). If the action
+then fails, that note must be withdrawn, or a later genuine caller hang-up would be recorded as
+"transferred" or "ai-hangup". :meth:`Telephony.handoff` is the one construct every such path uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+from bridge.ami_protocol import AmiError, control_character
 
 from .base import CallControl, ChannelInfo, Tool, ToolError
 
@@ -24,7 +36,10 @@ security = logging.getLogger("voxbridge.security")
 
 #: OriginateResponse ``Reason`` codes (Asterisk's AST_CONTROL_*), as tool outcomes.
 ORIGINATE_REASONS = {"0": "failed", "1": "hangup", "3": "no answer", "4": "answered", "5": "busy", "8": "congestion"}
+#: As a JSON Schema pattern (sent to the gateway). Match with ``fullmatch`` on :data:`DTMF_DIGITS`:
+#: ``re.search`` with ``$`` also accepts a trailing newline ("12\n").
 DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
+DTMF_DIGITS = re.compile(r"[0-9*#A-D]{1,32}")
 #: How long to let the AI finish its sentence before a transfer or hangup.
 SPEECH_WAIT_S = 5.0
 
@@ -50,6 +65,14 @@ def _full(pattern: re.Pattern[str], value: str) -> bool:
     return pattern.fullmatch(value) is not None
 
 
+def _printable(what: str, value: str) -> None:
+    """Refuse a control character in a value bound for AMI, naming it (not a security refusal:
+    the allowlist is not even consulted for such a value)."""
+    bad = control_character(value)
+    if bad is not None:
+        raise ToolError(f"{what} {value!r} contains {bad}")
+
+
 class Telephony:
     """What the AMI tools (and the fallback, and the API) may do to Asterisk."""
 
@@ -73,6 +96,19 @@ class Telephony:
         return self.ami
 
     @staticmethod
+    @contextlib.contextmanager
+    def handoff(call: CallControl, reason: str) -> Iterator[None]:
+        """Around the AMI action that hands the channel to Asterisk (Redirect, Hangup): the session
+        knows why its socket is about to close; if the action fails or is cancelled, it no longer
+        expects that (see the module docstring)."""
+        call.note_handoff(reason)
+        try:
+            yield
+        except BaseException:
+            call.note_handoff(None)
+            raise
+
+    @staticmethod
     def _channel(call: CallControl, what: str) -> ChannelInfo:
         ch = call.channel
         if ch is None or not ch.name:
@@ -82,6 +118,9 @@ class Telephony:
     # -- allowlists
 
     def check_transfer(self, call: CallControl, exten: str, context: str | None) -> tuple[str, str]:
+        _printable("the extension", exten)
+        if context is not None:
+            _printable("the context", context)
         for rule in self.transfer_rules:
             if (context is None or context == rule.context) and _full(rule.exten, exten):
                 return rule.context, exten
@@ -90,6 +129,7 @@ class Telephony:
         raise NotAllowed(f"transfers to {exten!r}{' in ' + context if context else ''} are not allowed")
 
     def check_originate(self, call_id: str, destination: str, rules: list[re.Pattern[str]] | None = None) -> None:
+        _printable("the destination", destination)
         if not any(_full(p, destination) for p in (self.originate_rules if rules is None else rules)):
             security.warning("SECURITY refused originate from call %s to %r (not in allow.originate)",
                              call_id, destination)
@@ -100,8 +140,6 @@ class Telephony:
     async def redirect(self, call: CallControl, context: str, exten: str) -> None:
         ami = self._require("transfer")
         ch = self._channel(call, "transfer")
-        from bridge.ami import AmiError
-
         try:
             await ami.action("Redirect", Channel=ch.name, Context=context, Exten=exten, Priority=1)
         except AmiError as exc:
@@ -110,18 +148,16 @@ class Telephony:
     async def hangup(self, call: CallControl, cause: int = 16) -> None:
         ami = self._require("hangup")
         ch = self._channel(call, "hang up")
-        from bridge.ami import AmiError
-
         try:
             await ami.action("Hangup", Channel=ch.name, Cause=cause)
         except AmiError as exc:
             raise ToolError(f"hangup failed: {exc}") from None
 
     async def play_dtmf(self, call: CallControl, digits: str, duration_ms: int = 250) -> None:
+        if not DTMF_DIGITS.fullmatch(digits):
+            raise ToolError(f"{digits!r} is not DTMF: 1 to 32 of 0-9, *, #, A-D")
         ami = self._require("sending DTMF")
         ch = self._channel(call, "send DTMF")
-        from bridge.ami import AmiError
-
         try:
             for d in digits:
                 await ami.action("PlayDTMF", Channel=ch.name, Digit=d, Duration=duration_ms)
@@ -133,8 +169,6 @@ class Telephony:
                         application: str | None = None, data: str | None = None) -> str:
         """Place a call; return the outcome (answered, busy, no answer, failed, …)."""
         ami = self._require("placing a call")
-        from bridge.ami import AmiError
-
         fields: dict[str, Any] = {
             "Channel": channel_template.format(destination=destination),
             "Timeout": int(timeout * 1000),
@@ -180,12 +214,8 @@ class TransferTool(_AmiTool):
         self.telephony._channel(call, "transfer")
         if args.get("after_speech", True):
             await call.wait_playout(SPEECH_WAIT_S)
-        call.note_handoff(f"transferred:{context},{exten}")
-        try:
+        with self.telephony.handoff(call, f"transferred:{context},{exten}"):
             await self.telephony.redirect(call, context, exten)
-        except ToolError:
-            call.note_handoff(None)
-            raise
         log.info("call %s transferred to %s,%s", call.call_id, context, exten)
         return {"status": "transferred", "context": context, "extension": exten}
 
@@ -211,8 +241,8 @@ class HangupTool(_AmiTool):
         if self.telephony.ami is None or call.channel is None:
             call.end(reason, after_speech=False)  # 0x00: the dialplan continues (and hangs up)
             return "ok: the call is ending"
-        call.note_handoff(reason)
-        await self.telephony.hangup(call)
+        with self.telephony.handoff(call, reason):
+            await self.telephony.hangup(call)
         return "ok: the call has been hung up"
 
 

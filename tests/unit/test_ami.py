@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.ami import AmiMessage, AmiParser, encode_action
+from bridge.ami import AmiClient, AmiError, AmiMessage, AmiParser, encode_action
 from bridge.channels import ChannelTracker, uuid_from_app
 from tools.ami import Telephony
-from tools.base import ToolError
+from tools.base import ChannelInfo, ToolError
 from tests.fakes import FakeCall
 
 U = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
@@ -116,11 +121,12 @@ async def test_resync_rebuilds_from_core_show_channels():
     assert len(t) == 1 and t.get(U).name == "PJSIP/200-7"
 
 
+TELEPHONY_ARGS = dict(transfer_allow=["operators,1\\d\\d", "sales,200"], originate_allow=[r"\+?44\d{10}", "answer"],
+                      originate_channel="Local/{destination}@out", originate_context="ctx", originate_exten="s")
+
+
 def telephony(**kw) -> Telephony:
-    args = dict(transfer_allow=["operators,1\\d\\d", "sales,200"], originate_allow=[r"\+?44\d{10}", "answer"],
-                originate_channel="Local/{destination}@out", originate_context="ctx", originate_exten="s")
-    args.update(kw)
-    return Telephony(None, **args)
+    return Telephony(None, **{**TELEPHONY_ARGS, **kw})
 
 
 def test_transfer_allowlist(caplog):
@@ -147,3 +153,441 @@ async def test_tools_refuse_clearly_without_ami():
 
     with pytest.raises(ToolError, match="no AMI connection configured"):
         await TransferTool(telephony()).run(FakeCall("c1"), {"extension": "101"})
+
+
+# ------------------------------------------------------------------------------ the driver, on loopback
+
+
+class FakeAsterisk:
+    """A tiny AMI server on loopback: banner, Login, Ping, and per-action scripted answers.
+
+    ``answers[action]`` is a function ``(message) -> bytes | None`` (None: no answer). Every action
+    received is kept, per connection, in ``actions``; ``changed`` is set on every arrival (and by
+    test hooks), so ``until`` re-checks its condition whenever something happened.
+    """
+
+    def __init__(self, secret: str = "s3cret") -> None:
+        self.secret = secret
+        self.answer_pings = True
+        self.answers: dict[str, Any] = {}
+        self.actions: list[list[AmiMessage]] = []  # per connection
+        self.writers: list[asyncio.StreamWriter] = []
+        self.changed = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeAsterisk:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.drop()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def client(self, secret: str | None = None, **kw) -> AmiClient:
+        kw.setdefault("backoff_min", 0.01)
+        kw.setdefault("backoff_max", 0.05)
+        return AmiClient("127.0.0.1", self.port, "vb", self.secret if secret is None else secret, **kw)
+
+    def drop(self) -> None:
+        """Asterisk goes away (RST): every connection ends at once."""
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    def received(self, action: str) -> list[AmiMessage]:
+        return [m for conn in self.actions for m in conn if m.get("Action") == action]
+
+    async def until(self, predicate, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        mine: list[AmiMessage] = []
+        self.actions.append(mine)
+        parser = AmiParser()
+        parser.feed(b"client side\r\n")
+        writer.write(BANNER)
+        try:
+            while data := await reader.read(65536):
+                for m in parser.feed(data):
+                    mine.append(m)
+                    answer = self._answer(m)
+                    if answer:
+                        writer.write(answer)
+                    self.changed.set()
+        except ConnectionError:
+            pass
+        finally:
+            self.changed.set()
+            writer.close()
+
+    def _answer(self, m: AmiMessage) -> bytes | None:
+        action, aid = m["Action"], m.action_id
+        if action == "Login":
+            ok = m.get("Secret") == self.secret
+            return reply(aid, Response="Success" if ok else "Error",
+                         Message="Authentication accepted" if ok else "Authentication failed")
+        if action == "Ping":
+            return reply(aid, Response="Success", Ping="Pong") if self.answer_pings else None
+        if action in self.answers:
+            return self.answers[action](m)
+        return reply(aid, Response="Success")
+
+
+def reply(action_id: str | None, **fields) -> bytes:
+    lines = [f"{k}: {v}" for k, v in fields.items()]
+    if action_id is not None:
+        lines.insert(1, f"ActionID: {action_id}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+async def asterisk():
+    async with FakeAsterisk() as a:
+        yield a
+
+
+async def test_driver_logs_in_and_correlates_actions(asterisk):
+    asterisk.answers["Getvar"] = lambda m: reply(m.action_id, Response="Success", Variable=m["Variable"],
+                                                 Value=m["Variable"].lower())
+    client = asterisk.client()
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        assert client.banner == "Asterisk Call Manager/11.0.0" and client.connects == 1
+        a, b = await asyncio.gather(client.action("Getvar", Channel="PJSIP/1", Variable="AS_PROFILE"),
+                                    client.action("Getvar", Channel="PJSIP/1", Variable="AS_VARS"))
+        assert (a["Value"], b["Value"]) == ("as_profile", "as_vars")
+    finally:
+        await client.stop()
+    with pytest.raises(AmiError, match="not connected"):
+        await client.action("Ping")
+
+
+async def test_driver_login_refused_says_so_and_keeps_trying(asterisk):
+    client = asterisk.client(secret="wrong")
+    await client.start()
+    try:
+        await asterisk.until(lambda: len(asterisk.received("Login")) >= 3)
+        assert not client.connected.is_set()
+        assert client.last_error == "login as 'vb' refused: Authentication failed"
+        asterisk.secret = "wrong"  # the operator fixes the secret: the next attempt logs in
+        await client.wait_connected(5)
+    finally:
+        await client.stop()
+
+
+async def test_driver_reconnects_and_never_replays_a_pending_action(asterisk):
+    # Asterisk dies after reading the Redirect, before answering it.
+    asterisk.answers["Redirect"] = lambda m: asterisk.drop()
+    client = asterisk.client()
+    hooks = []
+
+    async def hook(c):
+        hooks.append(c.connects)
+        asterisk.changed.set()
+
+    client.on_connect(hook)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(AmiError, match=r"Redirect: AMI connection lost \(connection closed by Asterisk\)"):
+            await client.action("Redirect", Channel="PJSIP/1", Exten="100", Context="x", Priority=1, timeout=30)
+        assert asyncio.get_running_loop().time() - t0 < 5  # at once, not at the 30 s deadline
+        await asterisk.until(lambda: client.connects == 2 and hooks == [1, 2])
+        await client.action("Ping")  # the new connection works
+        assert len(asterisk.actions) == 2
+        assert [m["Action"] for m in asterisk.actions[1]] == ["Login", "Ping"]  # no Redirect again, ever
+        assert len(asterisk.received("Redirect")) == 1
+    finally:
+        await client.stop()
+
+
+async def test_driver_notices_an_unanswered_ping_and_reconnects(asterisk):
+    asterisk.answer_pings = False
+    client = asterisk.client(ping_interval=0.1, action_timeout=2)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        await asterisk.until(lambda: len(asterisk.actions) >= 2)  # it gave up on the first connection
+        assert client.last_error == "liveness check failed: Ping: no answer from Asterisk within 0.1 s"
+        asterisk.answer_pings = True
+        await asterisk.until(lambda: client.connected.is_set() and len(asterisk.received("Ping")) >= 4)
+        assert client.connected.is_set()  # answered pings keep it up
+    finally:
+        await client.stop()
+
+
+async def test_driver_action_deadline(asterisk):
+    asterisk.answers["Getvar"] = lambda m: None  # never answered
+    client = asterisk.client()
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        with pytest.raises(AmiError, match="Getvar: no answer from Asterisk within 0.2 s"):
+            await client.action("Getvar", Channel="PJSIP/1", Variable="X", timeout=0.2)
+        assert client.connected.is_set() and client.connects == 1  # one slow action is not a dead link
+    finally:
+        await client.stop()
+
+
+async def test_driver_list_action_and_originate(asterisk):
+    def channels(m):
+        aid = m.action_id
+        return (reply(aid, Response="Success", EventList="start")
+                + reply(aid, Event="CoreShowChannel", Channel="PJSIP/1", Application="AudioSocket",
+                        ApplicationData=f"{U},127.0.0.1:9000")
+                + reply(None, Event="Newexten", Channel="PJSIP/2")
+                + reply(aid, Event="CoreShowChannelsComplete", EventList="Complete", ListItems="1"))
+
+    def originate(m):
+        aid = m.action_id
+        return (reply(aid, Response="Success", Message="Originate successfully queued")
+                + reply(aid, Event="OriginateResponse", Response="Success", Reason="4"))
+
+    asterisk.answers.update(CoreShowChannels=channels, Originate=originate)
+    client = asterisk.client()
+    seen: list[AmiMessage] = []
+    client.add_listener(seen.append)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        events = await client.action_list("CoreShowChannels", "CoreShowChannelsComplete")
+        assert [e.event for e in events] == ["CoreShowChannel", "CoreShowChannelsComplete"]
+        assert [e.event for e in seen] == ["Newexten"]  # the broadcast went to the listeners
+        result = await client.originate(timeout=5, Channel="Local/1@x", Variable={"AS_VARS": "a=1,2"})
+        assert result["Reason"] == "4"
+        [sent] = asterisk.received("Originate")
+        assert sent["Async"] == "true" and sent["Variable"] == "AS_VARS=a=1\\,2"
+    finally:
+        await client.stop()
+
+
+async def test_a_connect_hook_raising_does_not_stop_the_connection_or_reconnects(asterisk, caplog):
+    calls = 0
+
+    async def buggy_hook(c):
+        nonlocal calls
+        calls += 1
+        asterisk.changed.set()
+        raise KeyError("bug in a hook")
+
+    faults: list[BaseException] = []
+    client = asterisk.client(on_fault=faults.append)
+    client.on_connect(buggy_hook)
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        await asterisk.until(lambda: calls == 1)
+        await client.action("Ping")  # the connection goes on
+        asterisk.drop()
+        await asterisk.until(lambda: calls == 2 and client.connected.is_set())
+        await client.action("Ping")
+        assert client.connects == 2 and client.faults == 2
+        assert [type(f) for f in faults] == [KeyError, KeyError]
+        logged = [r for r in caplog.records if "buggy_hook" in r.getMessage()]
+        assert logged and all(r.exc_info and r.exc_info[0] is KeyError for r in logged)  # with the traceback
+    finally:
+        await client.stop()
+
+
+async def test_an_unexpected_exception_in_a_connection_is_logged_and_survived(asterisk, caplog):
+    client = asterisk.client()
+    real = client._proto.receive
+    broken = True
+
+    def receive(data, now):
+        nonlocal broken
+        if broken:
+            broken = False
+            raise KeyError("bug in the core")
+        return real(data, now)
+
+    client._proto.receive = receive
+    await client.start()
+    try:
+        await client.wait_connected(5)  # the first connection died of the bug; the second logs in
+        assert client.faults == 1 and len(asterisk.actions) == 2
+        assert any("failed unexpectedly" in r.getMessage() and r.exc_info and r.exc_info[0] is KeyError
+                   for r in caplog.records)
+    finally:
+        await client.stop()
+
+
+async def test_under_the_supervisor_a_crash_of_the_loop_itself_restarts_it(asterisk, caplog):
+    from bridge.supervise import Supervisor
+
+    sup = Supervisor(backoff=0.01)
+    client = asterisk.client()
+    real_run = client.run
+    runs = 0
+
+    async def run():
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("bug in the loop")
+        await real_run()
+
+    client.run = run
+    await client.start(lambda factory: sup.start("ami", factory))
+    try:
+        await client.wait_connected(5)
+        assert runs == 2 and sup.crashes["ami"] == 1 and sup.fatal is None
+    finally:
+        await client.stop()
+        await sup.stop()
+    assert client._runner is None
+
+
+async def test_control_characters_never_reach_the_wire(asterisk):
+    client = asterisk.client()
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        with pytest.raises(AmiError, match=r"AMI field 'Exten' contains a line break \(CR\)"):
+            await client.action("Redirect", Channel="PJSIP/1", Context="x", Exten="100\r\nAction: Originate")
+        t = Telephony(client, transfer_allow=[], originate_allow=[".*"], originate_channel="Local/{destination}@out",
+                      originate_context="c", originate_exten="s")
+        call = FakeCall("c1", channel=ChannelInfo("PJSIP/1-0001"))
+        with pytest.raises(ToolError, match=r"^transfer failed: AMI field 'Exten' contains a control character"):
+            await t.redirect(call, "x", "100\x00")
+        with pytest.raises(ToolError, match=r"^the call could not be placed: AMI field 'CallerID' contains a line"):
+            await t.originate("100", channel_template="Local/{destination}@out", context="c", exten="s",
+                              variables={}, timeout=1, caller_id="Evil\nAction: Command")
+        await client.action("Ping")
+        assert [m["Action"] for m in asterisk.actions[0]] == ["Login", "Ping"]
+    finally:
+        await client.stop()
+
+
+# ------------------------------------------------------------------------------ small holes
+
+
+async def test_an_error_answer_to_core_show_channels_keeps_the_channel_map(asterisk):
+    asterisk.answers["CoreShowChannels"] = lambda m: reply(m.action_id, Response="Error", Message="Permission denied")
+    tracker = ChannelTracker()
+    tracker.on_event(msg(Event="Newexten", Channel="PJSIP/200-7", Uniqueid="7", Application="AudioSocket",
+                         AppData=f"{U},127.0.0.1:9000"))
+    client = asterisk.client()
+    await client.start()
+    try:
+        await client.wait_connected(5)
+        with pytest.raises(AmiError, match="CoreShowChannels failed: Permission denied"):
+            await tracker.resync(client)
+        assert tracker.get(U).name == "PJSIP/200-7" and tracker.resyncs == 0  # not emptied
+    finally:
+        await client.stop()
+
+
+class FailingAmi:
+    """Stands in for AmiClient in the telephony layer: connected, and every action fails.
+    ``seen`` records the call's handoff note at the moment each action was sent."""
+
+    def __init__(self, call: FakeCall) -> None:
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.call = call
+        self.seen: list[tuple[str, str | None]] = []
+
+    async def action(self, action, **fields):
+        self.seen.append((action, self.call.handoff))
+        raise AmiError(f"{action} failed: No such channel")
+
+
+async def test_a_failed_ai_hangup_withdraws_the_handoff():
+    from tools.ami import HangupTool
+
+    call = FakeCall("c1", channel=ChannelInfo("PJSIP/1-0001"))
+    ami = FailingAmi(call)
+    with pytest.raises(ToolError, match="hangup failed: Hangup failed: No such channel"):
+        await HangupTool(Telephony(ami, **TELEPHONY_ARGS)).run(call, {"after_speech": False})
+    assert ami.seen == [("Hangup", "ai-hangup")]  # noted while Asterisk was asked...
+    assert call.handoff is None  # ...and withdrawn when it refused: a later caller hang-up is one
+
+
+async def test_a_failed_transfer_withdraws_the_handoff():
+    from tools.ami import TransferTool
+
+    call = FakeCall("c1", channel=ChannelInfo("PJSIP/1-0001"))
+    ami = FailingAmi(call)
+    with pytest.raises(ToolError, match="transfer failed"):
+        await TransferTool(Telephony(ami, **TELEPHONY_ARGS)).run(call, {"extension": "101", "after_speech": False})
+    assert ami.seen == [("Redirect", "transferred:operators,101")] and call.handoff is None
+
+
+async def test_the_handoff_is_withdrawn_on_cancellation_too():
+    call = FakeCall("c1")
+    with pytest.raises(asyncio.CancelledError):
+        with Telephony.handoff(call, "transferred:x,1"):
+            assert call.handoff == "transferred:x,1"
+            raise asyncio.CancelledError
+    assert call.handoff is None
+    with Telephony.handoff(call, "ai-hangup"):
+        pass
+    assert call.handoff == "ai-hangup"  # success keeps it: the socket closing is the handoff
+
+
+class FakeSession(FakeCall):
+    log = logging.getLogger("test.session")
+
+
+async def test_api_hangup_and_fallbacks_withdraw_the_handoff_when_asterisk_refuses():
+    from bridge.app import Bridge
+    from bridge.config import Fallback
+
+    session = FakeSession("c1", channel=ChannelInfo("PJSIP/1-0001"))
+    ami = FailingAmi(session)
+    bridge = SimpleNamespace(ami=ami, telephony=Telephony(ami, **TELEPHONY_ARGS))
+    await Bridge.hangup_call(bridge, session, "api-hangup")
+    assert ami.seen == [("Hangup", "api-hangup")] and session.handoff is None
+    assert session.ended == [("api-hangup", True)]  # ended the AudioSocket way instead
+
+    await Bridge.apply_fallback(bridge, session, Fallback(action="hangup"))
+    await Bridge.apply_fallback(bridge, session, Fallback(action="transfer", context="ops", exten="100"))
+    assert ami.seen[1:] == [("Hangup", "fallback:hangup"), ("Redirect", "fallback:transferred:ops,100")]
+    assert session.handoff is None
+
+
+async def test_transfer_and_originate_targets_with_control_characters_are_tool_errors():
+    from tools.ami import NotAllowed, SendDtmfTool, TransferTool
+
+    call = FakeCall("c1", channel=ChannelInfo("PJSIP/1-0001"))
+    ami = FailingAmi(call)
+    t = Telephony(ami, **{**TELEPHONY_ARGS, "transfer_allow": ["ops,.*"], "originate_allow": [".*"]})
+    with pytest.raises(ToolError, match=r"the extension '100\\rAction: Originate' contains a line break \(CR\)") as e:
+        await TransferTool(t).run(call, {"extension": "100\rAction: Originate", "after_speech": False})
+    assert not isinstance(e.value, NotAllowed)
+    with pytest.raises(ToolError, match=r"the context 'ops\\n' contains a line break \(LF\)"):
+        t.check_transfer(call, "100", "ops\n")
+    with pytest.raises(ToolError, match=r"the destination '1\\x00' contains a control character \(U\+0000\)"):
+        t.check_originate("c1", "1\x00")
+    with pytest.raises(ToolError, match=r"'12\\n' is not DTMF"):
+        await SendDtmfTool(t).run(call, {"digits": "12\n"})
+    assert ami.seen == [] and call.handoff is None
+
+
+MANAGER_CONF = Path(__file__).resolve().parents[2] / "examples" / "asterisk" / "manager.conf"
+#: The write classes each action the bridge sends is registered with in Asterisk (main/manager.c,
+#: apps/app_senddtmf.c); an account may run an action if it has any one of them. () = none needed.
+ACTION_CLASSES = {
+    "Login": (), "Ping": (), "Redirect": ("call",), "Hangup": ("system", "call"), "PlayDTMF": ("call",),
+    "Setvar": ("call",), "Getvar": ("call", "reporting"), "Originate": ("originate",),
+    "CoreShowChannels": ("system", "reporting"),
+}
+
+
+def test_example_manager_conf_grants_what_the_bridge_needs_and_not_system():
+    text = MANAGER_CONF.read_text()
+    [write] = re.findall(r"^write\s*=\s*(.+?)\s*(?:;.*)?$", text, re.M)
+    granted = {c.strip() for c in write.split(",")}
+    assert "system" not in granted  # shell commands via Originate, reloads, module loading
+    for action, classes in ACTION_CLASSES.items():
+        assert not classes or granted & set(classes), f"{action} needs one of {classes}"
+    assert granted == {"call", "originate", "reporting"}  # and nothing else
