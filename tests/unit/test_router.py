@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tools.base import Tool, ToolError, ToolRegistry
-from tools.router import ToolRouter
+from tools.router import AnswerState, ToolRouter
 from tests.fakes import FakeCall
 
 
@@ -269,3 +269,272 @@ async def test_close_without_grace_answers_at_once(registry):
     await asyncio.sleep(0)
     await asyncio.wait_for(router.aclose(), 0.5)  # a caller hangup must not wait for tools
     assert res.by_id() == {"t1": [json.dumps({"error": "the call has ended", "tool": "gated"})]}
+
+
+# ---------------------------------------------------------------- exactly once, whatever interleaves
+
+
+class SuspendingSend:
+    """A gateway ``send`` whose first ``suspend`` calls block until the test lets them go, the
+    way a WebSocket send blocks while its write buffer is full. Every attempt is recorded."""
+
+    def __init__(self, suspend: int = 1) -> None:
+        self.attempts: list[tuple[str, str]] = []
+        self.suspend = suspend
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, call_id: str, result: str) -> None:
+        self.attempts.append((call_id, result))
+        if self.suspend > 0:
+            self.suspend -= 1
+            self.entered.set()
+            await self.release.wait()
+
+    def by_id(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for cid, r in self.attempts:
+            out.setdefault(cid, []).append(r)
+        return out
+
+
+async def test_a_tool_finishing_while_teardown_is_stuck_in_a_send_is_answered_once():
+    """The teardown bug: aclose() listed the open calls once, then sent 'the call has ended' to
+    each; while the first send was stuck, another tool finished and sent its real result, and
+    teardown then sent 'the call has ended' to it as well (and reported it twice)."""
+    registry = ToolRegistry()
+    first, second = Gated(), Gated()
+    first.name, second.name = "first", "second"
+    registry.register(first)
+    registry.register(second)
+    gw = SuspendingSend(suspend=1)
+    completed: list[tuple[str, str]] = []
+    router = ToolRouter(registry, FakeCall(), gw.send,
+                        on_completed=lambda o: completed.append((o.call_id, o.outcome)))
+    router.dispatch("t1", "first", {"n": "one"})
+    router.dispatch("t2", "second", {"n": "two"})
+    await asyncio.sleep(0)  # both tools are running, waiting for their gates
+    closing = asyncio.create_task(router.aclose())
+    await asyncio.wait_for(gw.entered.wait(), 1)  # teardown is stuck in its first send
+    second.gate.set()  # ... and a tool finishes meanwhile
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gw.release.set()
+    await asyncio.wait_for(closing, 2)
+
+    sent = gw.by_id()
+    assert sorted(sent) == ["t1", "t2"]
+    assert all(len(texts) == 1 for texts in sent.values()), sent
+    assert sorted(completed) == sorted((o.call_id, o.outcome) for o in router.outcomes)
+    assert len(completed) == 2, completed  # on_completed exactly once per call
+    for o in router.outcomes:  # what is recorded is what was sent
+        assert sent[o.call_id] == [o.result]
+        assert (o.outcome == "cancelled") == (o.result == json.dumps({"error": "the call has ended", "tool": o.name}))
+    assert router.pending == 0
+
+
+async def test_a_result_stuck_in_its_send_at_teardown_is_still_delivered_once():
+    """A real result whose send is suspended when the call ends is neither cancelled mid-send
+    nor followed by 'the call has ended'."""
+    registry = ToolRegistry()
+    gated = Gated()
+    registry.register(gated)
+    gw = SuspendingSend(suspend=1)
+    router = ToolRouter(registry, FakeCall(), gw.send)
+    router.dispatch("t1", "gated", {"n": "done"})
+    router.dispatch("t2", "gated", {"n": "also"})
+    gated.gate.set()
+    await asyncio.wait_for(gw.entered.wait(), 1)  # t1's result is stuck in the send
+    closing = asyncio.create_task(router.aclose())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done()  # teardown waits for the gateway to take the queued results
+    gw.release.set()
+    await asyncio.wait_for(closing, 2)
+    assert gw.by_id() == {"t1": ["done"], "t2": ["also"]}
+    assert [o.outcome for o in router.outcomes] == ["ok", "ok"]
+
+
+async def test_a_send_that_raises_is_logged_and_never_retried(registry, caplog):
+    calls: list[str] = []
+
+    async def send(call_id: str, result: str) -> None:
+        calls.append(call_id)
+        if call_id == "bad":
+            raise RuntimeError("encoder bug")
+        if call_id == "gone":
+            raise ConnectionResetError("peer went away")
+
+    completed: list[str] = []
+    router = ToolRouter(registry, FakeCall(), send, on_completed=lambda o: completed.append(o.call_id))
+    with caplog.at_level("INFO", logger="voxbridge.tools"):
+        router.dispatch("bad", "echo", {"text": "a"})
+        router.dispatch("gone", "echo", {"text": "b"})
+        router.dispatch("fine", "echo", {"text": "c"})
+        await router.aclose()
+        router.dispatch("bad", "echo", {"text": "again"})  # the id stays answered
+    assert calls == ["bad", "gone", "fine"]
+    assert completed == ["bad", "gone", "fine"]
+    assert router.state("bad") is AnswerState.ANSWERED
+    assert router.send_failures == 2
+    bug = [r for r in caplog.records if "sending the tool result for bad" in r.getMessage()]
+    assert bug and bug[0].levelname == "ERROR" and bug[0].exc_info is not None
+    gone = [r for r in caplog.records if "gone (peer went away)" in r.getMessage()]
+    assert gone and gone[0].levelname == "INFO"
+
+
+async def test_teardown_gives_up_on_a_gateway_that_never_takes_the_results(registry, caplog):
+    gw = SuspendingSend(suspend=10)  # never released
+    router = ToolRouter(registry, FakeCall(), gw.send, drain_timeout=0.2)
+    router.dispatch("a", "echo", {"text": "1"})
+    router.dispatch("b", "echo", {"text": "2"})
+    await asyncio.wait_for(gw.entered.wait(), 1)
+    with caplog.at_level("WARNING", logger="voxbridge.tools"):
+        await asyncio.wait_for(router.aclose(), 2)
+    assert gw.attempts == [("a", json.dumps({"echo": "1"}))]
+    assert "took more than 0.2 s to accept 2 tool result(s)" in caplog.text
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    assert [o.outcome for o in router.outcomes] == ["ok", "ok"]
+
+
+async def test_a_call_arriving_during_the_handoff_grace_is_told_the_call_has_ended(registry):
+    res = Results()
+    gated = Gated()
+    registry.register(gated)
+    router = make_router(registry, res)
+    router.dispatch("t1", "gated", {"n": "transferred"})
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(router.aclose(grace=2.0))
+    await asyncio.sleep(0)
+    router.dispatch("t2", "echo", {"text": "too late"})
+    await res.wait_count(1)
+    gated.gate.set()
+    await closing
+    assert res.by_id() == {"t2": [json.dumps({"error": "the call has ended", "tool": "echo"})],
+                           "t1": ["transferred"]}
+
+
+async def test_without_answer_pending_nothing_is_sent_but_everything_is_reported(registry):
+    res = Results()
+    completed: list[tuple[str, str]] = []
+    router = ToolRouter(registry, FakeCall(), res.send,
+                        on_completed=lambda o: completed.append((o.call_id, o.outcome)))
+    router.dispatch("s", "slow", {})
+    await asyncio.wait_for(Slow.started.wait(), 1)
+    await router.aclose(answer_pending=False)
+    assert res.items == []
+    assert completed == [("s", "cancelled")]
+    assert Slow.cancelled
+
+
+async def test_a_hook_that_raises_does_not_cost_the_call_its_answer(registry, caplog):
+    res = Results()
+
+    def broken(_o):
+        raise ValueError("metrics bug")
+
+    router = ToolRouter(registry, FakeCall(), res.send, on_called=broken, on_completed=broken)
+    router.dispatch("a", "echo", {"text": "x"})
+    await res.wait_count(1)
+    assert res.items == [("a", json.dumps({"echo": "x"}))]
+    assert "on_completed hook failed for tool echo (a)" in caplog.text
+
+
+def test_bad_limits_are_refused_naming_the_problem(registry):
+    async def send(_cid, _text):
+        return None
+
+    with pytest.raises(ValueError, match="max_concurrent must be an integer >= 1, got 0"):
+        ToolRouter(registry, FakeCall(), send, max_concurrent=0)
+    with pytest.raises(ValueError, match="max_outcomes must be an integer >= 1, got -1"):
+        ToolRouter(registry, FakeCall(), send, max_outcomes=-1)
+
+
+# ---------------------------------------------------------------- bounded concurrency
+
+
+async def test_calls_beyond_the_limit_are_answered_busy_at_once(registry):
+    res = Results()
+    gated = Gated()
+    registry.register(gated)
+    router = make_router(registry, res, max_concurrent=2)
+    router.dispatch("g1", "gated", {"n": 1})
+    router.dispatch("g2", "gated", {"n": 2})
+    router.dispatch("g3", "gated", {"n": 3})
+    await res.wait_count(1)
+    assert res.items == [("g3", json.dumps({
+        "error": "busy: 2 tool calls are already running on this call; try again when one finishes",
+        "tool": "gated"}))]
+    assert router.pending == 2
+    gated.gate.set()
+    await res.wait_count(3)
+    router.dispatch("g4", "echo", {"text": "room again"})  # a slot is free: it runs
+    await res.wait_count(4)
+    assert res.by_id()["g4"] == [json.dumps({"echo": "room again"})]
+    assert [o.outcome for o in router.outcomes] == ["ok", "ok", "busy", "ok"]
+
+
+async def test_refusals_do_not_take_a_slot(registry):
+    res = Results()
+    router = make_router(registry, res, max_concurrent=1)
+    router.dispatch("s", "slow", {})
+    router.dispatch("u", "nope", {})
+    router.dispatch("v", "echo", {"txt": 1})
+    await res.wait_count(2)
+    assert {o.call_id: o.outcome for o in router.outcomes} == {"s": "pending", "u": "unknown_tool",
+                                                             "v": "invalid_args"}
+    await router.aclose()
+
+
+async def test_a_burst_of_1500_tool_calls_is_answered_exactly_once_each_with_bounded_tasks(registry):
+    """A gateway that floods: exactly max_concurrent tools run, the rest are answered 'busy' at
+    once, and the burst costs no task per call (one sender drains the answers)."""
+    started: list[str] = []
+
+    class Held(Tool):
+        name = "held"
+        description = "waits for the test"
+        gate = asyncio.Event()
+
+        async def run(self, call, args):
+            started.append(args["i"])
+            await Held.gate.wait()
+            return "done"
+
+    registry.register(Held())
+    res = Results()
+    router = make_router(registry, res, max_concurrent=8)
+    baseline = len(asyncio.all_tasks())
+    most_tasks = 0
+    for i in range(1500):
+        router.dispatch(f"c{i}", "held", {"i": str(i)})
+        most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+    while len(res.items) < 1492:
+        await asyncio.sleep(0)
+        most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+    assert most_tasks - baseline <= 8 + 1  # the 8 tools and the sender
+    assert len(started) == 8 and router.pending == 8
+    Held.gate.set()
+    await res.wait_count(1500)
+    assert router.pending == 0 and router.queued == 0
+    await router.aclose()
+    sent = res.by_id()
+    assert len(sent) == 1500 and all(len(v) == 1 for v in sent.values())
+    busy = [cid for cid, (text,) in sent.items() if text.startswith('{"error": "busy: 8 tool calls')]
+    assert len(busy) == 1492
+    assert sorted(cid for cid, (text,) in sent.items() if text == "done") == sorted(f"c{i}" for i in range(8))
+    assert router.outcomes_total == 1500
+    assert len(router.outcomes) == 1000  # the newest ones are kept
+    assert router.outcomes[-1].call_id == "c1499"
+
+
+async def test_duplicates_of_forgotten_outcomes_are_still_ignored(registry):
+    res = Results()
+    router = make_router(registry, res, max_outcomes=3)
+    for i in range(10):
+        router.dispatch(f"n{i}", "nope", {})
+    await res.wait_count(10)
+    assert [o.call_id for o in router.outcomes] == ["n7", "n8", "n9"]
+    router.dispatch("n0", "echo", {"text": "again"})
+    await router.aclose()
+    assert len(res.items) == 10 and len(res.by_id()["n0"]) == 1
