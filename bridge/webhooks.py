@@ -28,6 +28,20 @@ retried with exponential backoff (honouring ``Retry-After`` up to ``backoff_max`
 receiver is saying, permanently, that nobody is listening there any more. Its queued events are
 counted as dropped. Every other status is treated as temporary, as the README promises.
 
+**Where deliveries may go** is decided by an :class:`~bridge.egress.EgressPolicy` (``allow.webhooks``;
+see bridge/egress.py): at registration the URL is checked and its host resolved, every address
+checked; at every delivery attempt the host is resolved and checked again and the request is
+sent to one of exactly those addresses (the URL's host goes in the ``Host`` header, and for https
+in the TLS SNI, so certificates are still verified against the name). A DNS answer that changes
+after the check cannot redirect a delivery. A delivery to a refused address is given up at once
+(counted as failed and as refused), never retried. Subscriptions loaded from the store that the
+policy now refuses are kept (they can be listed and deleted) but nothing is delivered to them.
+At most ``max_webhooks`` subscriptions exist at once.
+
+**Delivery workers are supervised** (:meth:`bridge.supervise.Supervisor.watch`): a bug that
+escapes a worker is logged with its traceback and counted as a crash of the part ``webhooks``;
+the event in flight is counted as failed, and a fresh worker is started if events are queued.
+
 Logs name the subscription and the host it points at, never the full URL (its path or query may
 carry a token), the secret or a body.
 """
@@ -48,8 +62,10 @@ from typing import Any
 
 import httpx
 
+from .egress import EgressPolicy, EgressRefused, IPAddress, ResolveFailed, Target
 from .events import EVENT_TYPES, Event
 from .store import CallStore
+from .supervise import Supervisor
 
 log = logging.getLogger("voxbridge.webhooks")
 
@@ -58,6 +74,8 @@ USER_AGENT = "voxbridge"
 MAX_RESPONSE_BYTES = 64 * 1024
 #: The README's 201 / GET shape; the secret is added only by :meth:`WebhookDispatcher.create`.
 PUBLIC_FIELDS = ("id", "url", "events", "description", "created_at")
+#: The supervisor's name for the delivery workers (one label for all: subscription ids are unbounded).
+PART = "webhooks"
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -98,14 +116,8 @@ def _host(url: str) -> str:
         return "<invalid url>"
 
 
-def validate(url: str, events: list[str] | None) -> list[str]:
-    """Check a subscription; returns its event types (``[]`` = all). Raises ValueError."""
-    try:
-        u = httpx.URL(url)
-    except Exception as exc:  # noqa: BLE001 - httpx raises several kinds for bad URLs
-        raise ValueError(f"invalid webhook url: {exc}") from None
-    if u.scheme not in ("http", "https") or not u.host:
-        raise ValueError("webhook url must be an absolute http:// or https:// URL")
+def event_types(events: list[str] | None) -> list[str]:
+    """A subscription's event types, de-duplicated in order (``[]`` = all). Raises ValueError."""
     types: list[str] = []
     for t in events or []:
         if t not in EVENT_TYPES:
@@ -118,12 +130,16 @@ def validate(url: str, events: list[str] | None) -> list[str]:
 class _Subscription:
     """One subscriber: its settings, bounded queue, delivery task and counters."""
 
-    def __init__(self, info: dict[str, Any], queue_size: int) -> None:
+    def __init__(self, info: dict[str, Any], queue_size: int, target: Target | None,
+                 blocked: str | None = None) -> None:
         self.info = info  # as stored: secret included
         self.id: str = info["id"]
         self.url: str = info["url"]
         self.secret: str = info["secret"]
-        self.host = _host(self.url)
+        self.target = target
+        #: Why the egress policy refuses this (stored) subscription; None if it is delivered to.
+        self.blocked = blocked
+        self.host = target.origin if target is not None else _host(self.url)
         self.types = frozenset(info.get("events") or ()) or None  # None: every type
         self.queue: collections.deque[Event] = collections.deque()
         self.queue_size = queue_size
@@ -134,14 +150,15 @@ class _Subscription:
         self.dropped = 0
         self.burst_drops = 0
 
-    def push(self, event: Event) -> bool:
+    def push(self, event: Event, totals: collections.Counter[str]) -> bool:
         """Queue ``event`` if this subscriber wants it; True if it was queued."""
-        if self.types is not None and event.type not in self.types:
+        if self.blocked is not None or (self.types is not None and event.type not in self.types):
             return False
         if len(self.queue) >= self.queue_size:
             # Drop the oldest: a lagging subscriber is better served by the latest state of a call.
             self.queue.popleft()
             self.dropped += 1
+            totals["dropped"] += 1
             self.burst_drops += 1
             if self.burst_drops == 1:  # once per burst; the delivery task reports the total
                 log.warning("webhook %s (%s): queue full (%d), dropping the oldest events",
@@ -164,17 +181,31 @@ class WebhookDispatcher:
     outgoing requests of this kind (its default headers and cookies go to every subscriber).
     Timing: attempt ``n`` (1-based) that fails waits ``min(backoff_max, backoff_base * 2**(n-1))``
     (plus up to 10 % jitter) before the next one; each attempt is bounded by ``timeout`` seconds
-    overall. ``queue_size`` events wait per subscription, at most. :meth:`close` waits up to
-    ``close_timeout`` seconds for queued events to go out.
+    overall (DNS included). ``queue_size`` events wait per subscription, at most. :meth:`close`
+    waits up to ``close_timeout`` seconds for queued events to go out.
+
+    ``policy`` decides where deliveries may go (default: ``allow.webhooks``' default, a receiver
+    on this host); ``max_webhooks`` caps the number of subscriptions; ``supervisor`` watches the
+    delivery workers (default: a private one, so a dispatcher on its own is supervised too).
+
+    ``totals`` counts, over the dispatcher's life (deleted subscriptions included): ``delivered``,
+    ``failed`` (given up, refused included), ``refused`` (by the egress policy) and ``dropped``
+    (queue overflow, or queued when the subscriber answered 410).
     """
 
     def __init__(self, store: CallStore, client: httpx.AsyncClient, *, max_attempts: int = 6,
                  backoff_base: float = 0.5, backoff_max: float = 30.0, queue_size: int = 1000,
-                 timeout: float = 10.0, close_timeout: float = 2.0) -> None:
-        if max_attempts < 1 or queue_size < 1:
-            raise ValueError("max_attempts and queue_size must be at least 1")
+                 timeout: float = 10.0, close_timeout: float = 2.0, policy: EgressPolicy | None = None,
+                 max_webhooks: int = 50, supervisor: Supervisor | None = None) -> None:
+        if max_attempts < 1 or queue_size < 1 or max_webhooks < 1:
+            raise ValueError("max_attempts, queue_size and max_webhooks must be at least 1")
         self._store = store
         self._client = client
+        self.policy = policy if policy is not None else EgressPolicy()
+        self.max_webhooks = max_webhooks
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
+        self.totals: collections.Counter[str] = collections.Counter()
+        self._reserved = 0  # creations between the cap check and the subscription being added
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -193,7 +224,13 @@ class WebhookDispatcher:
             return
         self._started = True
         for info in await self._store.list_webhooks():
-            self._add(info)
+            try:
+                target, blocked = self.policy.check(info["url"]), None
+            except ValueError as exc:  # stored under another policy (or before there was one)
+                target, blocked = None, str(exc)
+                log.warning("webhook %s (%s): not delivered to: %s (allow.webhooks); delete it or change the "
+                            "allowlist", info["id"], _host(info["url"]), exc)
+            self._add(info, target, blocked)
         if self._subs:
             log.info("webhooks: %d subscription(s)", len(self._subs))
 
@@ -227,7 +264,7 @@ class WebhookDispatcher:
             return
         try:
             for sub in self._subs.values():
-                if sub.push(event) and (sub.task is None or sub.task.done()):
+                if sub.push(event, self.totals) and (sub.task is None or sub.task.done()):
                     self._spawn(sub)
         except Exception:  # noqa: BLE001 - on the media path: a webhook bug must not hurt the call
             log.exception("webhooks: cannot queue %s", getattr(event, "type", event))
@@ -240,20 +277,30 @@ class WebhookDispatcher:
 
         ``events``: the types to deliver; None or empty means all (stored and returned as
         ``[]``). ``secret``: generated (``secrets.token_urlsafe(32)``) if not given. Raises
-        ValueError for a URL that is not absolute http(s), an unknown event type (named in the
-        message) or an empty secret. Returns ``{"id", "url", "events", "description",
-        "created_at", "secret"}`` — the only time the secret is handed out.
+        ValueError, with a message saying what is wrong, for: a URL that is not absolute http(s)
+        or that the egress policy refuses (its host is resolved here, every address checked),
+        an unknown event type, an empty secret, or ``max_webhooks`` subscriptions existing
+        already. Returns ``{"id", "url", "events", "description", "created_at", "secret"}`` —
+        the only time the secret is handed out.
         """
         if self._closed:
             raise RuntimeError("the webhook dispatcher is closed")
-        types = validate(url, events)
+        types = event_types(events)
         if secret is None:
             secret = _secrets.token_urlsafe(32)
         elif not isinstance(secret, str) or not secret:
             raise ValueError("webhook secret must be a non-empty string")
-        info = await self._store.add_webhook(url, types, secret, description)
-        self._add(info)
-        log.info("webhook %s created for %s (%s)", info["id"], _host(url), ", ".join(types) or "all events")
+        if len(self._subs) + self._reserved >= self.max_webhooks:
+            raise ValueError(f"too many webhook subscriptions ({self.max_webhooks}): delete one first")
+        self._reserved += 1  # held across the awaits below, so concurrent creations cannot overshoot
+        try:
+            target = self.policy.check(url)
+            await self.policy.resolve(target)
+            info = await self._store.add_webhook(url, types, secret, description)
+            self._add(info, target)
+        finally:
+            self._reserved -= 1
+        log.info("webhook %s created for %s (%s)", info["id"], target.origin, ", ".join(types) or "all events")
         return {**{k: info[k] for k in PUBLIC_FIELDS}, "secret": secret}
 
     async def list(self) -> builtins.list[dict[str, Any]]:  # builtins: this class defines list()
@@ -277,18 +324,29 @@ class WebhookDispatcher:
         return sub is not None or stored
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per subscription id: ``delivered``, ``failed`` (given up after every attempt),
-        ``dropped`` (queue overflow) and ``pending`` (queued or in flight)."""
+        """Per subscription id: ``delivered``, ``failed`` (given up after every attempt, or
+        refused by the egress policy), ``dropped`` (queue overflow) and ``pending`` (queued or in
+        flight)."""
         return {s.id: {"delivered": s.delivered, "failed": s.failed, "dropped": s.dropped, "pending": s.pending}
                 for s in self._subs.values()}
 
-    def _add(self, info: dict[str, Any]) -> None:
-        sub = _Subscription(info, self.queue_size)
+    def _add(self, info: dict[str, Any], target: Target | None, blocked: str | None = None) -> None:
+        sub = _Subscription(info, self.queue_size, target, blocked)
         self._subs[sub.id] = sub
 
     def _spawn(self, sub: _Subscription) -> None:
         # At most one task per subscription (ordered delivery), and only while it has work.
-        sub.task = asyncio.get_running_loop().create_task(self._deliver_loop(sub), name=f"webhook-{sub.id}")
+        task = asyncio.get_running_loop().create_task(self._deliver_loop(sub), name=f"webhook-{sub.id}")
+        sub.task = task
+        self.supervisor.watch(task, PART, lambda exc: self._respawn(sub, task))
+
+    def _respawn(self, sub: _Subscription, crashed: asyncio.Task[None]) -> None:
+        """A worker crashed (the supervisor has logged and counted it): start a fresh one if this
+        subscription still exists and has events queued, and no newer worker has been started."""
+        if self._closed or sub.task is not crashed or self._subs.get(sub.id) is not sub or not sub.queue:
+            return
+        log.info("webhook %s (%s): restarting delivery (%d event(s) queued)", sub.id, sub.host, len(sub.queue))
+        self._spawn(sub)
 
     # ------------------------------------------------------------------ delivery
 
@@ -300,10 +358,11 @@ class WebhookDispatcher:
                 gone = await self._deliver(sub, event)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a bug here must not stop this subscriber's deliveries
-                sub.failed += 1
-                log.exception("webhook %s: delivering event %s failed", sub.id, event.id)
-                gone = False
+            except BaseException:
+                # A bug: the worker ends and the supervisor logs it, counts it and starts a
+                # fresh one for the queued events (see _respawn). This event is lost with it.
+                self._failed(sub)
+                raise
             finally:
                 sub.inflight = False
             if gone:
@@ -330,12 +389,23 @@ class WebhookDispatcher:
             }
             retry_after: str | None = None
             try:
-                status, retry_after = await self._post(sub.url, body, headers)
+                status, retry_after = await self._post(sub, body, headers)
+            except EgressRefused as exc:
+                # Permanent: the host now resolves somewhere deliveries may not go. Retrying
+                # would only knock on that door again.
+                self._failed(sub)
+                self.totals["refused"] += 1
+                log.warning("webhook %s (%s): event %s (%s) not delivered: %s", sub.id, sub.host, event.id,
+                            event.type, exc)
+                return False
+            except ResolveFailed as exc:
+                last = str(exc)
             except (httpx.HTTPError, OSError, TimeoutError) as exc:
                 last = type(exc).__name__
             else:
                 if 200 <= status < 300:
                     sub.delivered += 1
+                    self.totals["delivered"] += 1
                     return False
                 if status == 410:
                     return True
@@ -345,23 +415,52 @@ class WebhookDispatcher:
                 log.info("webhook %s (%s): event %s attempt %d/%d failed (%s); retrying in %.1f s", sub.id,
                          sub.host, event.id, attempt, self.max_attempts, last, delay)
                 await asyncio.sleep(delay)
-        sub.failed += 1
+        self._failed(sub)
         log.warning("webhook %s (%s): gave up on event %s (%s) after %d attempt(s); last: %s", sub.id, sub.host,
                     event.id, event.type, self.max_attempts, last)
         return False
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
-        # asyncio.timeout bounds the whole exchange; httpx's timeout alone is per read, so a
-        # subscriber trickling bytes could otherwise hold its queue for ever.
+    def _failed(self, sub: _Subscription) -> None:
+        sub.failed += 1
+        self.totals["failed"] += 1
+
+    async def _post(self, sub: _Subscription, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+        """One attempt: resolve and check the host, then POST to the first checked address that
+        accepts a connection. Raises EgressRefused, ResolveFailed or a transport error."""
+        target = sub.target
+        assert target is not None  # blocked subscriptions are never queued to
+        # asyncio.timeout bounds the whole exchange, DNS included; httpx's timeout alone is per
+        # read, so a subscriber trickling bytes could otherwise hold its queue for ever.
         async with asyncio.timeout(self.timeout):
-            async with self._client.stream("POST", url, content=body, headers=headers, timeout=self.timeout,
-                                           follow_redirects=False) as resp:
-                read = 0
-                async for chunk in resp.aiter_raw():
-                    read += len(chunk)
-                    if read > MAX_RESPONSE_BYTES:  # nobody needs it; stop (the connection is discarded)
-                        break
-                return resp.status_code, resp.headers.get("retry-after")
+            addrs = await self.policy.resolve(target)
+            for i, addr in enumerate(addrs):
+                try:
+                    return await self._post_to(target, addr, body, headers)
+                except httpx.ConnectError:  # nothing sent yet: the next address (localhost: ::1, then 127.0.0.1)
+                    if i == len(addrs) - 1:
+                        raise
+        raise AssertionError("unreachable: resolve() returns at least one address")
+
+    async def _post_to(self, target: Target, addr: IPAddress, body: bytes,
+                       headers: dict[str, str]) -> tuple[int, str | None]:
+        # Pinned: connect to the address that was just checked, never to whatever the name
+        # resolves to a moment later (DNS rebinding). The name still goes in Host and, for https,
+        # in the SNI, against which httpx verifies the certificate.
+        headers = {**headers, "Host": target.authority}
+        extensions: dict[str, Any] = {}
+        if target.scheme == "https" and target.ip is None:
+            extensions["sni_hostname"] = target.host
+            # The connection pool knows connections by address only: without this, a connection
+            # verified for one name could carry a request meant for another name on that address.
+            headers["Connection"] = "close"
+        async with self._client.stream("POST", target.pinned_url(addr), content=body, headers=headers,
+                                       timeout=self.timeout, follow_redirects=False, extensions=extensions) as resp:
+            read = 0
+            async for chunk in resp.aiter_raw():
+                read += len(chunk)
+                if read > MAX_RESPONSE_BYTES:  # nobody needs it; stop (the connection is discarded)
+                    break
+            return resp.status_code, resp.headers.get("retry-after")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
         delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
@@ -375,6 +474,7 @@ class WebhookDispatcher:
         if self._subs.get(sub.id) is sub:
             del self._subs[sub.id]
         sub.dropped += len(sub.queue)
+        self.totals["dropped"] += len(sub.queue)
         sub.queue.clear()
         log.warning("webhook %s (%s) answered 410 Gone: subscription removed", sub.id, sub.host)
         try:

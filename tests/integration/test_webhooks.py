@@ -1,4 +1,6 @@
-"""Webhook delivery against real HTTP servers on loopback (uvicorn), events from a real EventBus."""
+"""Webhook delivery against real HTTP servers on loopback (uvicorn), events from a real EventBus;
+the egress policy (allow.webhooks, address checks, DNS rebinding) and the subscription cap, also
+through the control API of a real Bridge."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import httpx
 import pytest
 import uvicorn
 
+import bridge.webhooks
+from bridge.egress import EgressPolicy
 from bridge.events import EventBus
 from bridge.store import CallStore
+from bridge.supervise import Supervisor
 from bridge.webhooks import WebhookDispatcher, sign, verify_signature
 
 #: Generous: two shared cores, and the whole suite may be running.
@@ -418,7 +423,8 @@ async def test_subscriptions_are_loaded_from_the_store_on_start(receiver, store)
 
 
 async def test_create_validates(make_dispatcher):
-    d, _ = await make_dispatcher()
+    # Any public https host may be subscribed here; a fake resolver answers for example.com.
+    d, _ = await make_dispatcher(policy=EgressPolicy(["https://"], resolver=FakeDns({"example.com": ["93.184.215.14"]})))
     with pytest.raises(ValueError, match="call.finished"):
         await d.create("https://example.com/hook", ["call.ended", "call.finished"])
     for bad in ("ftp://example.com/hook", "/relative", "not a url", "https://"):
@@ -455,3 +461,297 @@ async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------------ where deliveries may go
+
+
+class FakeDns:
+    """A resolver the test controls (a rebinding DNS, say); records every question."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.answers[host])
+
+
+async def test_a_hostname_is_delivered_to_the_checked_address(receiver, make_dispatcher):
+    # hooks.example.test exists only in this resolver: the delivery can reach the receiver only
+    # by connecting to the address the policy checked, with the name in the Host header.
+    dns = FakeDns({"hooks.example.test": ["127.0.0.1"]})
+    d, bus = await make_dispatcher(policy=EgressPolicy([f"http://hooks.example.test:{receiver.port}"], resolver=dns))
+    hook = await d.create(f"http://hooks.example.test:{receiver.port}/named?token=t1", None)
+    assert dns.asked == ["hooks.example.test"]  # checked at registration
+    event = ended(bus, "call-20")
+    r = await receiver.next("/named")
+    assert r.headers["host"] == f"hooks.example.test:{receiver.port}"
+    assert r.headers["x-voxbridge-event-id"] == event.id
+    assert dns.asked == ["hooks.example.test"] * 2  # and again at delivery
+    await wait_for(lambda: d.stats()[hook["id"]]["delivered"] == 1)
+
+
+async def test_the_next_checked_address_is_tried_when_one_refuses_connections(receiver, make_dispatcher):
+    # The receiver listens on 127.0.0.1 only: 127.0.0.2 refuses the connection (as ::1 does for
+    # n8n listening on 127.0.0.1 when "localhost" resolves to ::1 first).
+    dns = FakeDns({"n8n.example.test": ["127.0.0.2", "127.0.0.1"]})
+    d, bus = await make_dispatcher(policy=EgressPolicy(["http://n8n.example.test"], resolver=dns), max_attempts=1)
+    hook = await d.create(f"http://n8n.example.test:{receiver.port}/second", None)
+    ended(bus, "call-21")
+    assert (await receiver.next("/second")).headers["host"] == f"n8n.example.test:{receiver.port}"
+    await wait_for(lambda: d.stats()[hook["id"]]["delivered"] == 1)
+    assert d.stats()[hook["id"]]["failed"] == 0
+
+
+async def test_dns_rebinding_at_delivery_is_refused_and_counted(receiver, make_dispatcher, caplog):
+    dns = FakeDns({"rebind.example.test": ["127.0.0.1"]})
+    d, bus = await make_dispatcher(policy=EgressPolicy(["http://rebind.example.test"], resolver=dns))
+    hook = await d.create(f"http://rebind.example.test:{receiver.port}/rebind/secret-path", None)
+
+    # Between registration and delivery the name starts answering the metadata address.
+    dns.answers["rebind.example.test"] = ["169.254.169.254"]
+    ended(bus, "call-22")
+    await wait_for(lambda: d.stats()[hook["id"]]["failed"] == 1)
+    assert d.stats()[hook["id"]] == {"delivered": 0, "failed": 1, "dropped": 0, "pending": 0}
+    assert d.totals["refused"] == 1 and d.totals["failed"] == 1
+    assert dns.asked == ["rebind.example.test"] * 2  # one attempt: a refusal is not retried
+    assert receiver.count["/rebind/secret-path"] == 0
+    refusal = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert len(refusal) == 1
+    assert hook["id"] in refusal[0] and "rebind.example.test" in refusal[0] and "169.254.169.254" in refusal[0]
+    assert "secret-path" not in caplog.text  # logs name the host, never the full URL
+
+    # Mixed answers are refused too; once the name is honest again, deliveries resume.
+    dns.answers["rebind.example.test"] = ["127.0.0.1", "169.254.169.254"]
+    ended(bus, "call-22b")
+    await wait_for(lambda: d.stats()[hook["id"]]["failed"] == 2)
+    dns.answers["rebind.example.test"] = ["127.0.0.1"]
+    event = ended(bus, "call-22c")
+    assert (await receiver.next("/rebind/secret-path")).headers["x-voxbridge-event-id"] == event.id
+    assert receiver.count["/rebind/secret-path"] == 1
+
+
+async def test_https_is_pinned_with_the_name_as_sni(make_dispatcher):
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    dns = FakeDns({"hooks.example.com": ["93.184.215.14"]})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        store = CallStore(None)
+        await store.start()
+        d = WebhookDispatcher(store, client, policy=EgressPolicy(["https://"], resolver=dns))
+        try:
+            await d.start()
+            await d.create("https://hooks.example.com/in?x=1", None)
+            bus = EventBus()
+            bus.add_sink(d.offer)
+            ended(bus, "call-23")
+            await wait_for(lambda: len(seen) == 1)
+        finally:
+            await d.close()
+            await store.close()
+    request = seen[0]
+    assert str(request.url) == "https://93.184.215.14/in?x=1"  # the checked address, path and query kept
+    assert request.headers["host"] == "hooks.example.com"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"  # the certificate is checked for the name
+    assert request.headers["connection"] == "close"  # never reused for another name on that address
+
+
+async def test_private_addresses_need_an_entry_naming_them(make_dispatcher):
+    d, _ = await make_dispatcher()  # the default list: this host only
+    for url in ("http://10.23.45.67:5678/webhook/x", "http://192.168.1.10/", "http://[fd00::1]/"):
+        with pytest.raises(ValueError, match="not allowed"):
+            await d.create(url, None)
+    d2, _ = await make_dispatcher(policy=EgressPolicy(["http://10.23.45.67:5678"]))
+    hook = await d2.create("http://10.23.45.67:5678/webhook/x", None)  # literal: no DNS, nothing sent
+    assert hook["url"] == "http://10.23.45.67:5678/webhook/x"
+    with pytest.raises(ValueError, match="not allowed"):
+        await d2.create("http://10.23.45.67:5679/webhook/x", None)
+
+
+async def test_default_list_accepts_a_receiver_on_this_host(make_dispatcher):
+    d, _ = await make_dispatcher()
+    for url in ("http://127.0.0.1:5678/webhook/x", "http://localhost:5678/webhook/x", "http://[::1]:5678/webhook/x"):
+        assert (await d.create(url, ["call.ended"]))["url"] == url  # stored exactly as given (n8n compares it)
+    d2, _ = await make_dispatcher(policy=EgressPolicy(["http://n8n.example.test"], resolver=FakeDns({})))
+    before = await d2.list()  # (the same store: the three above)
+    with pytest.raises(ValueError, match="cannot resolve n8n.example.test: Name or service not known"):
+        await d2.create("http://n8n.example.test:5678/webhook/x", None)
+    assert await d2.list() == before
+
+
+async def test_stored_subscriptions_the_policy_now_refuses_are_kept_but_not_delivered(receiver, store, caplog):
+    refused = await store.add_webhook("http://10.23.45.67:5678/webhook/x", [], "s3cret-one", None)
+    metadata = await store.add_webhook("http://2852039166/latest/meta-data/", [], "s3cret-two", None)
+    fine = await store.add_webhook(receiver.url("/kept"), [], "s3cret-three", None)
+    async with httpx.AsyncClient() as client:
+        d = WebhookDispatcher(store, client, backoff_base=0.05)
+        await d.start()
+        try:
+            assert [h["id"] for h in await d.list()] == [refused["id"], metadata["id"], fine["id"]]
+            warnings = [r.getMessage() for r in caplog.records if "not delivered to" in r.getMessage()]
+            assert len(warnings) == 2 and refused["id"] in warnings[0] and metadata["id"] in warnings[1]
+            assert "webhook/x" not in caplog.text and "meta-data" not in caplog.text
+            bus = EventBus()
+            bus.add_sink(d.offer)
+            for i in range(3):
+                ended(bus, f"call-24-{i}")
+            for _ in range(3):
+                await receiver.next("/kept")
+            assert d.stats()[refused["id"]] == {"delivered": 0, "failed": 0, "dropped": 0, "pending": 0}
+            assert d.stats()[metadata["id"]]["pending"] == 0
+            assert len([r for r in caplog.records if "not delivered to" in r.getMessage()]) == 2  # once, at start
+            assert await d.delete(refused["id"]) is True  # and can be deleted
+        finally:
+            await d.close()
+
+
+async def test_the_number_of_subscriptions_is_capped(receiver, make_dispatcher):
+    dns = FakeDns({"hooks.example.test": ["127.0.0.1"]})
+    d, _ = await make_dispatcher(max_webhooks=3, policy=EgressPolicy(["http://hooks.example.test"], resolver=dns))
+    # Concurrent creations (each awaits its DNS check) cannot overshoot the cap.
+    results = await asyncio.gather(*(d.create(f"http://hooks.example.test/{i}", None) for i in range(5)),
+                                   return_exceptions=True)
+    made = [r for r in results if isinstance(r, dict)]
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(made) == 3 and len(errors) == 2
+    assert all(isinstance(e, ValueError) and str(e) == "too many webhook subscriptions (3): delete one first"
+               for e in errors)
+    assert len(await d.list()) == 3
+    with pytest.raises(ValueError, match=r"too many webhook subscriptions \(3\): delete one first"):
+        await d.create("http://hooks.example.test/again", None)
+    await d.delete(made[0]["id"])
+    # A refused URL does not use up the place that frees.
+    with pytest.raises(ValueError, match="metadata"):
+        await d.create("http://169.254.169.254/", None)
+    dns.answers["hooks.example.test"] = ["169.254.169.254"]
+    with pytest.raises(ValueError, match="resolves to 169.254.169.254"):
+        await d.create("http://hooks.example.test/rebound", None)
+    dns.answers["hooks.example.test"] = ["127.0.0.1"]
+    await d.create("http://hooks.example.test/again", None)
+    assert len(await d.list()) == 3
+
+
+# ------------------------------------------------------------------ supervision
+
+
+async def test_a_crashing_worker_is_logged_counted_and_replaced(receiver, make_dispatcher, monkeypatch, caplog):
+    supervisor = Supervisor()
+    d, bus = await make_dispatcher(supervisor=supervisor)
+    hook = await d.create(receiver.url("/after-crash"), None)
+    real_sign = bridge.webhooks.sign
+    calls = 0
+
+    def sign_once_broken(secret: str, timestamp: str, body: bytes) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("a bug in signing")
+        return real_sign(secret, timestamp, body)
+
+    monkeypatch.setattr(bridge.webhooks, "sign", sign_once_broken)
+    lost = ended(bus, "call-25a")  # the worker crashes on this one
+    queued = [ended(bus, f"call-25-{i}") for i in range(3)]  # already queued behind it
+    # No new event arrives: the queued ones go out only because a fresh worker was started.
+    got = [(await receiver.next("/after-crash")).headers["x-voxbridge-event-id"] for _ in queued]
+    assert got == [e.id for e in queued]
+    assert lost.id not in got
+    assert supervisor.crashes["webhooks"] == 1
+    crash = [r for r in caplog.records if "webhooks crashed" in r.getMessage()]
+    assert len(crash) == 1 and crash[0].exc_info is not None and "a bug in signing" in str(crash[0].exc_info[1])
+    await wait_for(lambda: d.stats()[hook["id"]]["pending"] == 0)
+    assert d.stats()[hook["id"]] == {"delivered": 3, "failed": 1, "dropped": 0, "pending": 0}
+    later = ended(bus, "call-25b")  # and it keeps delivering
+    assert (await receiver.next("/after-crash")).headers["x-voxbridge-event-id"] == later.id
+
+
+# ------------------------------------------------------------------ through the control API of a Bridge
+
+API_TOKEN = "webhook-test-token-0123"
+
+
+@pytest.fixture
+async def api(make_bridge):
+    """``await api(**config)`` → (bridge, client) with the control API on a loopback port."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def factory(**config: Any) -> tuple[Any, httpx.AsyncClient]:
+        b = await make_bridge(api={"enabled": True, "listen": "127.0.0.1:0", "token": API_TOKEN,
+                                   **config.pop("api", {})}, **config)
+        c = httpx.AsyncClient(base_url=f"http://127.0.0.1:{b.api.port}",
+                              headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=WAIT)
+        clients.append(c)
+        return b, c
+
+    yield factory
+    for c in clients:
+        await c.aclose()
+
+
+async def test_api_refuses_inside_addresses(api):
+    from tests.unit.test_egress import NEVER_URLS
+
+    _, client = await api()
+    reasons = {
+        "http://169.254.169.254/latest/meta-data/": "cloud metadata",
+        "http://10.23.45.67:5678/webhook/x": "not allowed",
+        "http://[fe80::1]/hook": "link-local",
+        "http://2852039166/": "cloud metadata",
+        "http://127.0.0.1.evil.com/": "not allowed",
+        "http://127.0.0.1@evil.com/": "user name or password",
+        "http://192.168.1.1:5678/": "not allowed",
+    }
+    for url, why in reasons.items():
+        r = await client.post("/v1/webhooks", json={"url": url})
+        assert r.status_code == 422 and why in r.text, (url, r.status_code, r.text)
+    for url in NEVER_URLS:
+        r = await client.post("/v1/webhooks", json={"url": url})
+        assert r.status_code == 422, (url, r.status_code, r.text)
+    assert (await client.get("/v1/webhooks")).json() == {"webhooks": []}
+    # What the n8n trigger registers (n8n on this host) is accepted as it is.
+    for url in ("http://127.0.0.1:5678/webhook/3f1c/webhook", "http://localhost:5678/webhook/x"):
+        r = await client.post("/v1/webhooks", json={"url": url, "events": ["call.ended"]})
+        assert r.status_code == 201 and r.json()["url"] == url, r.text
+
+
+async def test_api_allow_list_and_cap_come_from_the_config(api):
+    _, client = await api(api={"max_webhooks": 2}, allow={"webhooks": ["http://10.23.45.67:5678/webhook"]})
+    r = await client.post("/v1/webhooks", json={"url": "http://127.0.0.1:5678/webhook/x"})
+    assert r.status_code == 422 and "allow.webhooks permits http://10.23.45.67:5678/webhook" in r.text
+    for path in ("a", "b"):
+        r = await client.post("/v1/webhooks", json={"url": f"http://10.23.45.67:5678/webhook/{path}"})
+        assert r.status_code == 201, r.text
+    r = await client.post("/v1/webhooks", json={"url": "http://10.23.45.67:5678/webhook/c"})
+    assert r.status_code == 422 and r.json()["detail"] == "too many webhook subscriptions (2): delete one first"
+
+
+async def test_metrics_count_deliveries_and_failures_across_deletion(api, receiver):
+    bridge_, client = await api()
+    r = await client.post("/v1/webhooks", json={"url": receiver.url("/metered"), "events": ["call.ended"]})
+    hook = r.json()
+    event = ended(bridge_.events, "call-26")
+    assert (await receiver.next("/metered")).headers["x-voxbridge-event-id"] == event.id
+    await wait_for(lambda: bridge_.webhooks.totals["delivered"] == 1)
+    assert (await client.delete(f"/v1/webhooks/{hook['id']}")).status_code == 204
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bridge_.webhooks.max_attempts = 1
+    r = await client.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{port}/nobody"})
+    assert r.status_code == 201
+    ended(bridge_.events, "call-27")
+    await wait_for(lambda: bridge_.webhooks.totals["failed"] == 1)
+    text = (await client.get("/metrics")).text
+    assert "voxbridge_webhook_deliveries_total 1\n" in text  # the deleted subscription's delivery still counts
+    assert "voxbridge_webhook_failures_total 1\n" in text
+    assert "voxbridge_webhook_refused_total 0\n" in text
+    assert "voxbridge_webhook_events_dropped_total 0\n" in text
+    assert "# TYPE voxbridge_webhook_deliveries_total counter" in text
