@@ -1,25 +1,54 @@
 """The control API (FastAPI): start and follow AI calls, control live ones, subscribe to events.
 
 The contract is in README.md ("Control API, events and webhooks"); the n8n node is built on it.
-Every route but ``/v1/health`` needs ``Authorization: Bearer <token>`` (constant-time compare).
 The server runs inside the bridge's event loop (uvicorn, no signal handling of its own: the
 CLI owns SIGTERM so that calls end gracefully).
+
+Who may use it is decided once, in :class:`ApiGuard`, a pure ASGI layer outside every route
+(including the ``/docs``, ``/redoc`` and ``/openapi.json`` routes FastAPI adds itself):
+
+* **with** ``api.token``: every path but ``/v1/health`` needs ``Authorization: Bearer <token>``
+  (constant-time compare), else 401;
+* **without** a token (the default, loopback only — ``bridge/app.py`` refuses a non-loopback
+  ``api.listen`` without one), a request is served only if it is addressed to this machine
+  (``Host`` is 127.0.0.0/8, ``[::1]`` or ``localhost``, else 421) and does not come from another
+  site's page (an ``Origin`` must itself be a loopback http(s) origin, and
+  ``Sec-Fetch-Site: cross-site`` is refused, 403). A web page the operator visits can make the
+  browser send requests here, even read the answers after rebinding its own DNS name to
+  127.0.0.1; it cannot make the browser send a loopback ``Host`` or drop its ``Origin``.
+
+The same layer caps request bodies (``api.max_body_bytes``, 413 before the body is read when
+``Content-Length`` says so, else as soon as the count passes the cap) and stamps
+``Cache-Control: no-store`` and ``X-Content-Type-Options: nosniff`` on every answer. It is not
+Starlette's ``BaseHTTPMiddleware``, which buffers and breaks the streaming ``/v1/events``.
+
+Every string a client sends is validated by the models below: control characters (and
+unpaired UTF-16 surrogates, which cannot be encoded for AMI, SQLite or a webhook body) are a
+422 naming the field, never a 500 deeper down. Only ``prompt`` and ``first_message`` may hold
+newlines and tabs: they are prose.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import socket
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Awaitable, Callable, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from fastapi import FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tools.ami import NotAllowed
 from tools.base import ToolError
@@ -34,6 +63,83 @@ log = logging.getLogger("voxbridge.api")
 
 MAX_METADATA_BYTES = 16 * 1024
 SSE_HEARTBEAT_S = 15.0
+#: Most ``/v1/events`` streams open at once: each holds a subscription (a queue of up to 1000
+#: events) and a connection, so a hostile or buggy client must not be able to open them
+#: without bound.
+MAX_EVENT_STREAMS = 100
+#: Paths served without a token (load balancers and health checks have none).
+OPEN_PATHS = frozenset({"/v1/health"})
+
+
+# --------------------------------------------------------------------------- string validation
+
+#: C0 controls, DEL, C1 controls, and UTF-16 surrogates (JSON can carry an unpaired one as
+#: "\ud800"; it cannot be encoded as UTF-8, so it would fail later, far from the request).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The same, but newline and tab allowed (prose: a prompt, a first message).
+_CONTROL_IN_PROSE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+#: What a literal Asterisk extension can be: digits, letters, and * # + _ . - (no spaces, no
+#: commas or slashes, which the dialplan treats as separators).
+_EXTEN = re.compile(r"[0-9A-Za-z*#+_.-]{1,64}")
+#: An Asterisk context name (AST_MAX_CONTEXT is 80 bytes with its terminator).
+_CONTEXT = re.compile(r"[0-9A-Za-z_.-]{1,79}")
+_DTMF = re.compile(r"[0-9*#A-D]{1,32}")
+
+
+def _bad_char(value: str, pattern: re.Pattern[str] = _CONTROL) -> str | None:
+    """Describe the first forbidden character in ``value`` (None if there is none)."""
+    m = pattern.search(value)
+    if m is None:
+        return None
+    code = ord(m.group())
+    kind = "an unpaired surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+    return f"{kind} (U+{code:04X}) at position {m.start()}"
+
+
+def _no_controls(value: str, name: str, *, prose: bool = False) -> str:
+    bad = _bad_char(value, _CONTROL_IN_PROSE if prose else _CONTROL)
+    if bad is not None:
+        allowed = " (only newline and tab are allowed)" if prose else ""
+        raise ValueError(f"{name} must not contain control characters{allowed}: found {bad}")
+    return value
+
+
+def _plain_field(value: str, info: ValidationInfo) -> str:
+    return _no_controls(value, info.field_name or "value")
+
+
+#: A single-line string: no control characters at all (tab included).
+Plain = Annotated[str, AfterValidator(_plain_field)]
+
+
+MAX_METADATA_DEPTH = 32
+
+
+def _check_json(value: Any, name: str) -> None:
+    """Every string in a JSON value (keys too) must be encodable as UTF-8, and the nesting must
+    be shallow: the value is serialised again for the store, each webhook and each event
+    stream, where a recursion error would be far from the request that caused it."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if (bad := _bad_char(item, _SURROGATE)) is not None:
+                raise ValueError(f"{name} must be valid Unicode: found {bad}")
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_METADATA_DEPTH:
+                raise ValueError(f"{name} is nested deeper than {MAX_METADATA_DEPTH} levels")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _path_id(name: str) -> Any:
+    """A path parameter (call or webhook id): printable, bounded."""
+    return Annotated[str, Path(max_length=128), AfterValidator(lambda v: _no_controls(v, name))]
+
+
+CallId = _path_id("call_id")
+HookId = _path_id("hook_id")
 
 
 # --------------------------------------------------------------------------- bodies
@@ -44,26 +150,25 @@ class _Body(BaseModel):
 
 
 class StartCall(_Body):
-    destination: str = Field(..., min_length=1, max_length=64, description="number or extension to call")
-    profile: str | None = None
-    prompt: str | None = Field(None, max_length=20000)
-    first_message: str | None = Field(None, max_length=2000)
-    voice: str | None = None
-    language: str | None = None
-    caller_id: str | None = Field(None, max_length=128)
-    variables: dict[str, str] = Field(default_factory=dict, description="values for prompt {placeholders}")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="echoed on every event of this call")
+    destination: Plain = Field(..., min_length=1, max_length=64, description="number or extension to call")
+    profile: Plain | None = Field(None, max_length=100)
+    prompt: str | None = Field(None, max_length=20000, description="may contain newlines and tabs")
+    first_message: str | None = Field(None, max_length=2000, description="may contain newlines and tabs")
+    voice: Plain | None = Field(None, max_length=100)
+    language: Plain | None = Field(None, max_length=35)
+    caller_id: Plain | None = Field(None, max_length=128)
+    variables: dict[Plain, Plain] = Field(default_factory=dict, description="values for prompt {placeholders}")
+    metadata: dict[Plain, Any] = Field(default_factory=dict, description="echoed on every event of this call")
 
-    @field_validator("destination", "caller_id")
+    @field_validator("prompt", "first_message")
     @classmethod
-    def _printable(cls, v: str | None) -> str | None:
-        if v is not None and any(ord(c) < 32 for c in v):
-            raise ValueError("must not contain control characters")
-        return v
+    def _prose(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else _no_controls(v, info.field_name or "value", prose=True)
 
     @field_validator("metadata")
     @classmethod
     def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_json(v, "metadata")
         if len(json.dumps(v, default=str)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes")
         return v
@@ -78,19 +183,47 @@ class StartCall(_Body):
 
 
 class Transfer(_Body):
-    extension: str = Field(..., min_length=1, max_length=64)
-    context: str | None = Field(None, max_length=80)
+    extension: Plain = Field(..., min_length=1, max_length=64)
+    context: Plain | None = Field(None, min_length=1, max_length=79)
+
+    @field_validator("extension")
+    @classmethod
+    def _exten(cls, v: str) -> str:
+        if not _EXTEN.fullmatch(v):
+            raise ValueError(f"extension {v!r} is not an Asterisk extension: use 0-9, A-Z, a-z and * # + _ . -")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v: str | None) -> str | None:
+        if v is not None and not _CONTEXT.fullmatch(v):
+            raise ValueError(f"context {v!r} is not an Asterisk context name: use 0-9, A-Z, a-z and _ . -")
+        return v
 
 
 class Dtmf(_Body):
-    digits: str = Field(..., pattern=r"^[0-9*#A-D]{1,32}$")
+    digits: Plain = Field(..., description="1 to 32 of 0-9 * # A-D")
+
+    @field_validator("digits")
+    @classmethod
+    def _keys(cls, v: str) -> str:
+        if not _DTMF.fullmatch(v):  # a full match: "12\n" is not "12"
+            raise ValueError(f"digits {v!r} must be 1 to 32 of 0-9 * # A-D")
+        return v
 
 
 class WebhookIn(_Body):
     url: HttpUrl
     events: list[str] | None = None
-    secret: str | None = Field(None, min_length=16, max_length=256)
-    description: str | None = Field(None, max_length=200)
+    secret: Plain | None = Field(None, min_length=16, max_length=256)
+    description: Plain | None = Field(None, max_length=200)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _raw_url(cls, v: Any) -> Any:
+        # Before parsing: URL parsing silently drops tabs and newlines, so the URL stored
+        # would not be the one sent.
+        return _no_controls(v, "url") if isinstance(v, str) else v
 
     @field_validator("events")
     @classmethod
@@ -101,24 +234,312 @@ class WebhookIn(_Body):
         return v
 
 
+# --------------------------------------------------------------------------- access, limits, headers
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Stamped on every answer: API data must not be cached by a browser or proxy, nor sniffed
+#: into something executable.
+SECURITY_HEADERS = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
+_SECURITY_HEADER_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
+
+#: ``host[:port]`` or ``[ipv6][:port]``, as in a Host header or an origin.
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]/@?#\s]+))(?::(?P<port>[0-9]{1,5}))?")
+_ORIGIN = re.compile(r"(?i:https?)://(?P<host>.+)")
+_WWW_AUTHENTICATE = ((b"www-authenticate", b"Bearer"),)
+_LOCAL_ONLY = "without api.token the API answers only requests addressed to 127.0.0.1, [::1] or localhost"
+_SAME_MACHINE = "without api.token only this machine's own pages and non-browser clients may call the API"
+
+
+def loopback_host(value: str) -> bool:
+    """True if ``value`` (``host[:port]``, IPv6 in brackets) names this machine's loopback:
+    127.0.0.0/8, ::1 or ``localhost`` — written exactly so, not as a prefix of a longer name."""
+    m = _HOST.fullmatch(value)
+    if m is None:
+        return False
+    try:
+        if m["v6"] is not None:
+            return ipaddress.IPv6Address(m["v6"]).is_loopback
+        name = m["name"].lower()
+        return name == "localhost" or ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _shown(value: bytes | str, limit: int = 100) -> str:
+    """A client-supplied value, quoted and cut short, safe to put in an answer or a log line."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    cause: str  #: one of REFUSAL_CAUSES: refusals are logged once per cause, and counted by it
+    detail: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+REFUSAL_CAUSES = ("host", "origin", "sec-fetch-site", "token-missing", "token-wrong", "content-length", "body",
+                  "event-streams")
+
+
+class RefusalLog:
+    """Logs the first refusal of each cause at warning level and the rest at debug, with counts.
+
+    A hostile page can send thousands of requests a second; one warning per cause tells the
+    operator what is happening without letting it fill the disk.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def metrics(self) -> str:
+        """Prometheus text: one series per cause, present from the start (zero until it happens)."""
+        lines = ["# HELP voxbridge_api_refused_total API requests refused by the access, size and stream limits.",
+                 "# TYPE voxbridge_api_refused_total counter"]
+        lines += [f'voxbridge_api_refused_total{{cause="{c}"}} {self.counts[c]}' for c in REFUSAL_CAUSES]
+        return "\n".join(lines) + "\n"
+
+    def note(self, refusal: Refusal, path: str) -> None:
+        self.counts[refusal.cause] += 1
+        if self.counts[refusal.cause] == 1:
+            log.warning("API request to %s refused (%d): %s [further refusals of this kind are logged at debug level]",
+                        _shown(path), refusal.status, refusal.detail)
+        else:
+            log.debug("API request to %s refused (%d, %d so far): %s", _shown(path), refusal.status,
+                      self.counts[refusal.cause], refusal.detail)
+
+
+class ApiGuard:
+    """Pure ASGI: who may use the API, how big a request may be, and the headers on every answer.
+
+    It wraps the whole application, so no route (FastAPI's own ``/docs`` and ``/openapi.json``,
+    a 404 for a path that does not exist) is served before it has decided. See the module
+    docstring for the rules.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: bytes | None, max_body_bytes: int, refusals: RefusalLog) -> None:
+        self.app = app
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.refusals = refusals
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in scope.get("headers", ()):
+            headers.setdefault(name.lower(), []).append(value)
+        refusal = self.check_access(scope["path"], headers)
+        if refusal is None and scope["type"] == "http":
+            refusal = self._check_length(headers)
+        if refusal is not None:
+            await self._refuse(scope, send, refusal)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        body = await self._read_body(receive)
+        if body is None:
+            return  # the client went away before its request was complete: nobody to answer
+        if isinstance(body, Refusal):
+            await self._refuse(scope, send, body)
+            return
+        replayed = False
+
+        async def receive_body() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then only http.disconnect (which /v1/events waits for)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in _SECURITY_HEADER_NAMES]
+                message = {**message, "headers": [*kept, *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive_body, send_with_headers)
+
+    # -- access
+
+    def check_access(self, path: str, headers: dict[bytes, list[bytes]]) -> Refusal | None:
+        if self.token is None:
+            return self._check_local(headers)
+        if path in OPEN_PATHS:
+            return None
+        return self._check_token(headers.get(b"authorization", []))
+
+    def _check_token(self, values: list[bytes]) -> Refusal | None:
+        assert self.token is not None
+        if not values:
+            return Refusal(401, "token-missing", "missing bearer token: send Authorization: Bearer <api.token>",
+                           _WWW_AUTHENTICATE)
+        if len(values) > 1:
+            return Refusal(401, "token-wrong", "more than one Authorization header", _WWW_AUTHENTICATE)
+        scheme, _, given = values[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return Refusal(401, "token-wrong", "the Authorization header must be 'Bearer <api.token>'",
+                           _WWW_AUTHENTICATE)
+        if not hmac.compare_digest(given.strip(), self.token):
+            return Refusal(401, "token-wrong", "wrong bearer token", _WWW_AUTHENTICATE)
+        return None
+
+    @staticmethod
+    def _check_local(headers: dict[bytes, list[bytes]]) -> Refusal | None:
+        hosts = headers.get(b"host", [])
+        if len(hosts) != 1 or not loopback_host(hosts[0].decode("latin-1")):
+            what = ("no Host header" if not hosts else "more than one Host header" if len(hosts) > 1
+                    else f"Host {_shown(hosts[0])} is not a loopback name or address")
+            return Refusal(421, "host", f"{what}: {_LOCAL_ONLY} (this refuses DNS rebinding); "
+                                        "set api.token to serve other names")
+        origins = headers.get(b"origin", [])
+        if len(origins) > 1:
+            return Refusal(403, "origin", f"more than one Origin header: {_SAME_MACHINE}")
+        if origins:
+            m = _ORIGIN.fullmatch(origins[0].decode("latin-1"))
+            if m is None or not loopback_host(m["host"]):
+                return Refusal(403, "origin", f"cross-site request refused: Origin {_shown(origins[0])} is not "
+                                              f"a loopback http(s) origin; {_SAME_MACHINE}")
+        if any(v.strip().lower() == b"cross-site" for v in headers.get(b"sec-fetch-site", [])):
+            return Refusal(403, "sec-fetch-site", f"cross-site request refused (Sec-Fetch-Site: cross-site); "
+                                                  f"{_SAME_MACHINE}")
+        return None
+
+    # -- body size
+
+    def _too_large(self, size: str) -> Refusal:
+        return Refusal(413, "body", f"request body {size}larger than the limit of {self.max_body_bytes} bytes "
+                                    "(api.max_body_bytes)")
+
+    def _check_length(self, headers: dict[bytes, list[bytes]]) -> Refusal | None:
+        """Refuse on ``Content-Length`` alone, before a byte of the body is read."""
+        for raw in headers.get(b"content-length", []):
+            if not raw.isdigit():
+                return Refusal(400, "content-length", f"invalid Content-Length header {_shown(raw)}")
+            if int(raw) > self.max_body_bytes:
+                return self._too_large(f"of {int(raw)} bytes is ")
+        return None
+
+    async def _read_body(self, receive: Receive) -> bytes | Refusal | None:
+        """The whole body, counted as it arrives: refused as soon as it passes the cap (a chunked
+        body has no Content-Length to check first). None if the client disconnected."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return self._too_large("is ")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        self.refusals.note(refusal, scope["path"])
+        if scope["type"] == "websocket":  # before accept: the server answers the handshake with 403
+            await send({"type": "websocket.close", "code": 1008, "reason": refusal.detail[:120]})
+            return
+        body = json.dumps({"detail": refusal.detail}).encode()
+        # Connection: close — the client may still be sending a body nobody will read.
+        await send({"type": "http.response.start", "status": refusal.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *refusal.headers, *SECURITY_HEADERS]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _GuardedApp(FastAPI):
+    """FastAPI with an :class:`ApiGuard` as its outermost layer — outside even Starlette's error
+    handler, so that every answer, a 500 included, goes through it."""
+
+    def __init__(self, guard: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
+        self._guard = guard
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> Any:
+        return self._guard(super().build_middleware_stack())
+
+
+class _EscapedJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped. A 422 echoes the client's input, which may
+    hold an unpaired surrogate (``"\\ud800"`` in JSON): UTF-8 cannot encode it, so the default
+    renderer would turn a validation error into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return _EscapedJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (204, 304) or exc.status_code < 200:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return _EscapedJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+class _StreamSlots:
+    """Counts open ``/v1/events`` streams against :data:`MAX_EVENT_STREAMS`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self) -> None:
+        self.used -= 1
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that runs ``on_close`` however it ends — client gone, server stopping, or
+    never iterated at all (a generator's ``finally`` does not run if it never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 # --------------------------------------------------------------------------- app
 
 
 def create_app(bridge: Bridge) -> FastAPI:
-    token = bridge.config.api.token.get_secret_value().encode() if bridge.config.api.token else None
+    cfg = bridge.config.api
+    token = cfg.token.get_secret_value().encode() if cfg.token else None
+    refusals = RefusalLog()
 
-    async def auth(request: Request) -> None:
-        if token is None:
-            return  # loopback without a token: allowed (start-up refuses anything else)
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def guard(inner: ASGIApp) -> ASGIApp:
+        return ApiGuard(inner, token=token, max_body_bytes=cfg.max_body_bytes, refusals=refusals)
 
-    app = FastAPI(title="voxbridge", version=__version__,
-                  description="Start, follow and control AI phone calls; subscribe to call events.")
-    guarded = [Depends(auth)]
+    app = _GuardedApp(guard, title="voxbridge", version=__version__,
+                      description="Start, follow and control AI phone calls; subscribe to call events.")
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    streams = _StreamSlots(MAX_EVENT_STREAMS)
 
     def live(call_id: str):
         session = bridge.sessions.get(call_id)
@@ -133,11 +554,11 @@ def create_app(bridge: Bridge) -> FastAPI:
         return {"status": "ok", "version": __version__, "calls_active": len(bridge.sessions),
                 "ami_connected": bool(bridge.ami and bridge.ami.connected.is_set())}
 
-    @app.get("/v1/auth", dependencies=guarded)
+    @app.get("/v1/auth")
     async def auth_check() -> dict[str, bool]:
         return {"ok": True}
 
-    @app.get("/v1/profiles", dependencies=guarded)
+    @app.get("/v1/profiles")
     async def profiles() -> dict[str, Any]:
         return {"profiles": [
             {"name": name, "provider": p.provider, "voice": p.voice, "language": p.language,
@@ -145,7 +566,7 @@ def create_app(bridge: Bridge) -> FastAPI:
             for name, p in bridge.config.profiles.items()
         ]}
 
-    @app.post("/v1/calls", dependencies=guarded, status_code=status.HTTP_202_ACCEPTED)
+    @app.post("/v1/calls", status_code=status.HTTP_202_ACCEPTED)
     async def start_call(body: StartCall) -> dict[str, str]:
         try:
             call_id = await bridge.start_outbound_call(body)
@@ -157,40 +578,39 @@ def create_app(bridge: Bridge) -> FastAPI:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
         return {"call_id": call_id, "state": "dialing"}
 
-    @app.get("/v1/calls", dependencies=guarded)
+    @app.get("/v1/calls")
     async def list_calls(state: Literal["active", "ended"] | None = None,
                          limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict[str, Any]:
         return {"calls": await bridge.list_calls(state, limit, offset)}
 
-    @app.get("/v1/calls/{call_id}", dependencies=guarded)
-    async def get_call(call_id: str) -> dict[str, Any]:
+    @app.get("/v1/calls/{call_id}")
+    async def get_call(call_id: CallId) -> dict[str, Any]:
         call = await bridge.get_call(call_id)
         if call is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no call {call_id}")
         return call
 
-    @app.post("/v1/calls/{call_id}/hangup", dependencies=guarded)
-    async def hangup(call_id: str) -> dict[str, str]:
+    @app.post("/v1/calls/{call_id}/hangup")
+    async def hangup(call_id: CallId) -> dict[str, str]:
         session = live(call_id)
         await bridge.hangup_call(session, "api-hangup")
         return {"call_id": call_id, "state": "ending"}
 
-    @app.post("/v1/calls/{call_id}/transfer", dependencies=guarded)
-    async def transfer(call_id: str, body: Transfer) -> dict[str, str]:
+    @app.post("/v1/calls/{call_id}/transfer")
+    async def transfer(call_id: CallId, body: Transfer) -> dict[str, str]:
         session = live(call_id)
         try:
             context, exten = bridge.telephony.check_transfer(session, body.extension, body.context)
-            session.note_handoff(f"transferred:{context},{exten}")
-            await bridge.telephony.redirect(session, context, exten)
+            with bridge.telephony.handoff(session, f"transferred:{context},{exten}"):
+                await bridge.telephony.redirect(session, context, exten)
         except NotAllowed as exc:
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
         except ToolError as exc:
-            session.note_handoff(None)
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         return {"status": "transferred", "context": context, "extension": exten}
 
-    @app.post("/v1/calls/{call_id}/dtmf", dependencies=guarded)
-    async def dtmf(call_id: str, body: Dtmf) -> dict[str, str]:
+    @app.post("/v1/calls/{call_id}/dtmf")
+    async def dtmf(call_id: CallId, body: Dtmf) -> dict[str, str]:
         session = live(call_id)
         try:
             await bridge.telephony.play_dtmf(session, body.digits)
@@ -203,61 +623,68 @@ def create_app(bridge: Bridge) -> FastAPI:
     def public(hook: dict[str, Any]) -> dict[str, Any]:
         return {k: hook[k] for k in ("id", "url", "events", "description", "created_at") if k in hook}
 
-    @app.post("/v1/webhooks", dependencies=guarded, status_code=status.HTTP_201_CREATED)
+    @app.post("/v1/webhooks", status_code=status.HTTP_201_CREATED)
     async def create_webhook(body: WebhookIn) -> dict[str, Any]:
         try:
             hook = await bridge.webhooks.create(str(body.url), body.events, body.secret, body.description)
-        except ValueError as exc:
+        except ValueError as exc:  # a URL the webhook policy refuses, or too many subscriptions
             raise HTTPException(422, str(exc)) from None
         return {**public(hook), "secret": hook["secret"]}
 
-    @app.get("/v1/webhooks", dependencies=guarded)
+    @app.get("/v1/webhooks")
     async def list_webhooks() -> dict[str, Any]:
         return {"webhooks": [public(h) for h in await bridge.webhooks.list()]}
 
-    @app.get("/v1/webhooks/{hook_id}", dependencies=guarded)
-    async def get_webhook(hook_id: str) -> dict[str, Any]:
+    @app.get("/v1/webhooks/{hook_id}")
+    async def get_webhook(hook_id: HookId) -> dict[str, Any]:
         hook = await bridge.webhooks.get(hook_id)
         if hook is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook {hook_id}")
         return public(hook)
 
-    @app.delete("/v1/webhooks/{hook_id}", dependencies=guarded, status_code=status.HTTP_204_NO_CONTENT)
-    async def delete_webhook(hook_id: str) -> Response:
+    @app.delete("/v1/webhooks/{hook_id}", status_code=status.HTTP_204_NO_CONTENT)
+    async def delete_webhook(hook_id: HookId) -> Response:
         if not await bridge.webhooks.delete(hook_id):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook {hook_id}")
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     # -- live stream and metrics
 
-    @app.get("/v1/events", dependencies=guarded)
-    async def events(request: Request, types: str | None = None) -> StreamingResponse:
+    @app.get("/v1/events")
+    async def events(types: Annotated[str | None, Query(max_length=2000)] = None) -> StreamingResponse:
+        if types is not None and (bad := _bad_char(types)) is not None:
+            raise HTTPException(422, f"types must not contain control characters: found {bad}")
         wanted = {t.strip() for t in types.split(",")} if types else None
         if wanted and (unknown := wanted - set(EVENT_TYPES)):
             raise HTTPException(422, f"unknown event types: {', '.join(sorted(unknown))}")
+        if not streams.take():
+            refusals.note(Refusal(429, "event-streams", f"too many event streams open (the limit is "
+                                                        f"{streams.limit})"), "/v1/events")
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                                f"too many event streams open (the limit is {streams.limit}): close one first")
         sub = bridge.events.subscribe(maxsize=1000, filter=(lambda e: e.type in wanted) if wanted else None)
 
+        def closed() -> None:
+            sub.close()
+            streams.give_back()
+
         async def stream() -> AsyncIterator[bytes]:
-            try:
-                yield b": voxbridge event stream\n\n"
-                while True:
-                    try:
-                        async with asyncio.timeout(SSE_HEARTBEAT_S):
-                            event = await sub.get()
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
-                    data = json.dumps(event.as_dict(), default=str)
-                    yield f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
-            finally:
-                sub.close()
+            yield b": voxbridge event stream\n\n"
+            while True:
+                try:
+                    async with asyncio.timeout(SSE_HEARTBEAT_S):
+                        event = await sub.get()
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                data = json.dumps(event.as_dict(), default=str)
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(stream(), closed, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
-    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        return bridge.metrics_text()
+        return bridge.metrics_text() + refusals.metrics()
 
     return app
 
@@ -273,7 +700,8 @@ class _EmbeddedServer(uvicorn.Server):
 class ApiServer:
     def __init__(self, bridge: Bridge, host: str, port: int) -> None:
         self.host, self.port = host, port
-        config = uvicorn.Config(create_app(bridge), host=host, port=port, log_level="warning", access_log=False,
+        self.app = create_app(bridge)
+        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
