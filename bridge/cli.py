@@ -39,15 +39,23 @@ def setup_logging(level: str) -> None:
 
 
 def _serve_config(args: argparse.Namespace):
-    cfg = load_config(args.config)
+    """The config ``serve`` runs with: the file, the environment, then the command line's options
+    (validated like the rest, so a bad ``--gateway-url`` is named like a bad ``gateway.url``).
+
+    With ``--config``, the file (or the environment, or ``--gateway-url``) must name the gateway
+    or set ``gateway.demo: true``; with no file, no URL means the embedded demo (see
+    :func:`bridge.config.load_config`).
+    """
+    overrides: dict[str, str] = {}
     if args.audiosocket_listen:
         parse_hostport(args.audiosocket_listen, "--audiosocket-listen")
-        cfg.audiosocket.listen = args.audiosocket_listen
+        overrides["audiosocket.listen"] = args.audiosocket_listen
     if args.api_listen:
         parse_hostport(args.api_listen, "--api-listen")
-        cfg.api.listen = args.api_listen
+        overrides["api.listen"] = args.api_listen
     if args.gateway_url:
-        cfg.gateway.url = args.gateway_url
+        overrides["gateway.url"] = args.gateway_url
+    cfg = load_config(args.config, overrides=overrides)
     if cfg.gateway.url and not cfg.gateway.api_key:
         raise ConfigError("gateway.url is set but no API key: set VOXBRIDGE_GATEWAY_API_KEY (or gateway.api_key)")
     return cfg
@@ -97,7 +105,7 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"invalid configuration in {args.file}:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(cfg.profiles)} profile(s): {', '.join(cfg.profiles)}; "
-          f"gateway {'embedded demo' if cfg.gateway.url is None else cfg.gateway.url})")
+          f"gateway {'embedded demo (gateway.demo)' if cfg.gateway.url is None else cfg.gateway.url})")
     return 0
 
 
@@ -107,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the bridge")
-    s.add_argument("--config", "-c", help="YAML config file (optional: defaults work without one)")
+    s.add_argument("--config", "-c", help="YAML config file (optional: without one, the embedded demo gateway "
+                                          "runs unless --gateway-url or VOXBRIDGE_GATEWAY_URL is given)")
     s.add_argument("--audiosocket-listen", metavar="HOST:PORT", help="default 127.0.0.1:9000")
     s.add_argument("--api-listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
-    s.add_argument("--gateway-url", metavar="URL", help="ws(s)://…/ws; unset = embedded reference gateway")
+    s.add_argument("--gateway-url", metavar="URL", help="ws(s)://…/ws of the AI gateway (overrides gateway.url)")
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     c = sub.add_parser("check-config", help="validate a config file and exit")

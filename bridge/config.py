@@ -5,9 +5,27 @@ profile, the embedded reference gateway). Validation errors name the key and the
 
     profiles.sales.sample_rate: Input should be 8000, 16000 or 24000 (got 44100)
 
+Which gateway
+-------------
+A config file must name its gateway: ``gateway.url`` (or ``VOXBRIDGE_GATEWAY_URL``, or
+``serve --gateway-url``), or ``gateway.demo: true`` for the embedded reference gateway, an echo
+demo. A file with neither is an error, so a production file that lost its URL cannot quietly
+answer callers with the demo. No file at all (``voxbridge serve``) and ``Config()`` in code
+still mean the demo.
+
 Environment overrides
 ---------------------
-``VOXBRIDGE_<SECTION>__<KEY>[__<KEY>…]`` sets any nested key (``VOXBRIDGE_AMI__PORT=5039``).
+Read with pydantic-settings, typed by the schema, over the YAML file:
+``VOXBRIDGE_<KEY>`` sets a top-level key (``VOXBRIDGE_LOG_LEVEL=DEBUG``) and
+``VOXBRIDGE_<SECTION>__<KEY>[__<KEY>…]`` any nested one (``VOXBRIDGE_AMI__PORT=5039``,
+``VOXBRIDGE_PROFILES__SALES__VOICE=Eve``: mappings merge with the file's, key by key).
+A value is read as the type of the key it sets: numbers and booleans are parsed, strings are
+kept exactly as written (``VOXBRIDGE_OUTBOUND__CALLER_ID=+441632960000`` stays a string),
+lists and mappings are JSON (``VOXBRIDGE_ALLOW__ORIGINATE='["\\+44\\d{10}"]'``), ``null`` is
+None, and an empty variable counts as unset. Variable names are case-insensitive, so mapping
+keys set from the environment (profile and tool names) arrive in lower case; a key that
+matches one of the file's in another case lands on it. A variable that names no key
+(``VOXBRIDGE_AMI__PROT``) is an error, like a typo in the file.
 The common secrets and endpoints also have short names:
 
 ===============================  ===========================
@@ -17,21 +35,27 @@ The common secrets and endpoints also have short names:
 ``VOXBRIDGE_API_TOKEN``           ``api.token``
 ===============================  ===========================
 
-Secrets are :class:`pydantic.SecretStr`: they print as ``**********`` and are never logged.
+Secrets are :class:`pydantic.SecretStr`: they print as ``**********`` and are never logged,
+nor echoed in error messages.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
+from pydantic_settings import EnvSettingsSource, SettingsError
 
 from .audiosocket import DTMF_DIGITS
+from .egress import WebhookAllowEntry
 
 PROVIDERS = ("aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen")
 Provider = Literal["aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen"]
@@ -179,6 +203,14 @@ class GatewayConfig(_Model):
             raise ValueError(f"must be a ws:// or wss:// URL, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _demo_or_url(self) -> GatewayConfig:
+        # Both set is a contradiction nobody should have to resolve by guessing which one wins.
+        if self.demo and self.url is not None:
+            raise ValueError("gateway.url and gateway.demo: true are both set: remove gateway.demo to use the "
+                             "gateway at gateway.url, or remove gateway.url to run the embedded demo gateway")
+        return self
+
 
 class AudioSocketConfig(_Model):
     listen: str = "127.0.0.1:9000"
@@ -213,7 +245,7 @@ class Allowlist(_Model):
     originate: list[str] = Field(default_factory=list, description="regexes a destination must fully match")
     calls: list[str] = Field(default_factory=list,
                              description="destinations the API may start AI calls to (regexes, full match)")
-    webhooks: list[str] = Field(
+    webhooks: list[WebhookAllowEntry] = Field(
         default_factory=lambda: ["http://127.0.0.1", "http://localhost", "http://[::1]"],
         description="URL prefixes webhook subscriptions may point at (scheme, host and optional port/path "
                     "compared after parsing); the default allows a receiver on this host, e.g. n8n",
@@ -372,24 +404,91 @@ class Config(_Model):
 
 # --------------------------------------------------------------------------- loading
 
+ENV_PREFIX = "VOXBRIDGE_"
+ENV_DELIMITER = "__"
+#: An environment value spelled like this is None (``VOXBRIDGE_STORE__RETENTION_DAYS=null``).
+ENV_NONE = "null"
+
 _ENV_ALIASES = {
     "VOXBRIDGE_GATEWAY_API_KEY": ("gateway", "api_key"),
     "VOXBRIDGE_GATEWAY_URL": ("gateway", "url"),
     "VOXBRIDGE_AMI_SECRET": ("ami", "secret"),
     "VOXBRIDGE_API_TOKEN": ("api", "token"),
 }
+_SECRET_HINTS = ("api_key", "secret", "token")
 
 
-def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], str]]:
-    out: list[tuple[tuple[str, ...], str]] = []
-    for name, value in env.items():
-        if name in _ENV_ALIASES:
-            out.append((_ENV_ALIASES[name], value))
-        elif name.startswith("VOXBRIDGE_") and "__" in name:
-            path = tuple(p.lower() for p in name[len("VOXBRIDGE_"):].split("__"))
-            if all(path):
-                out.append((path, value))
-    return out
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, typed by :class:`Config`, reading a given mapping.
+
+    Each value is read as the type of the field it sets: ints, floats and booleans are parsed
+    by pydantic like any other input, strings are kept verbatim (``+441632960000``, ``0123``,
+    ``yes``), and lists and mappings are JSON. ``load_config(env=…)`` passes its mapping here
+    instead of ``os.environ``, so tests and ``bridge/bench.py`` control exactly what is read.
+    (Empty and ``null`` values are handled by :func:`_env_data`, not here.)
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._given_env = env  # read by _load_env_vars(), which the base __init__ calls
+        super().__init__(Config, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._given_env.items()}
+
+
+def _annotation_at(path: tuple[str, ...]) -> Any:
+    """The type annotation of the key at ``path`` (lower case) in :class:`Config`, or None."""
+    annotation: Any = Config
+    for key in path:
+        while get_origin(annotation) in (Union, types.UnionType):  # X | None: the X
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return None
+            annotation = members[0]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = next((f for n, f in annotation.model_fields.items() if n.lower() == key), None)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    return annotation
+
+
+def _int_literals(annotation: Any) -> set[int]:
+    """The int members of the ``Literal`` types in ``annotation`` (also inside ``X | None``)."""
+    if get_origin(annotation) is Literal:
+        return {a for a in get_args(annotation) if isinstance(a, int) and not isinstance(a, bool)}
+    return set().union(*(_int_literals(a) for a in get_args(annotation))) if get_args(annotation) else set()
+
+
+def _env_path(name: str) -> tuple[str, ...] | None:
+    """Where ``VOXBRIDGE_…`` variable ``name`` points in the config (lower case), or None if it
+    is not a config variable (``VOXBRIDGE_NO_UVLOOP``)."""
+    upper = name.upper()
+    if upper in _ENV_ALIASES:
+        return _ENV_ALIASES[upper]
+    if not upper.startswith(ENV_PREFIX):
+        return None
+    rest = name[len(ENV_PREFIX):].lower()
+    if ENV_DELIMITER in rest:
+        return tuple(rest.split(ENV_DELIMITER))
+    return (rest,) if rest in Config.model_fields else None
+
+
+def _lookup(data: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    """(found, value) at ``path`` in nested dicts, keys compared case-insensitively."""
+    node = data
+    for key in path:
+        if not isinstance(node, dict):
+            return False, None
+        match = next((k for k in node if isinstance(k, str) and k.lower() == key), None)
+        if match is None:
+            return False, None
+        node = node[match]
+    return True, node
 
 
 def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -400,23 +499,123 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
             nxt = {}
             node[key] = nxt
         node = nxt
-    # Environment values are strings: read scalars as YAML so numbers and booleans work,
-    # but keep secrets and URLs verbatim (a token like "0123" must stay a string).
-    if path[-1] in _VERBATIM_KEYS:
-        node[path[-1]] = value
-        return
+    node[path[-1]] = value
+
+
+def _set_path_ci(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Replace the existing value at ``path``, keys compared case-insensitively."""
+    node = data
+    for key in path[:-1]:
+        node = node[next(k for k in node if isinstance(k, str) and k.lower() == key)]
+    node[next(k for k in node if isinstance(k, str) and k.lower() == path[-1])] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` (which is modified): mappings merge key by key, anything
+    else replaces. A key of ``over`` that matches one of ``base`` case-insensitively lands on
+    it, because environment variable names arrive lower-cased (``VOXBRIDGE_PROFILES__SALES__VOICE``
+    sets the voice of a YAML profile written ``Sales``)."""
+    for key, value in over.items():
+        target = key
+        if key not in base and isinstance(key, str):
+            target = next((k for k in base if isinstance(k, str) and k.lower() == key.lower()), key)
+        if isinstance(value, Mapping) and isinstance(base.get(target), dict):
+            _merge(base[target], value)
+        else:
+            base[target] = dict(value) if isinstance(value, Mapping) else value
+    return base
+
+
+def _env_data(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str], list[str]]:
+    """The configuration the environment sets: (nested data, path → variable name, errors).
+
+    Config variables whose path names no field (``VOXBRIDGE_AMI__PROT``, ``VOXBRIDGE_AIM__PORT``)
+    are put in the data as they are, so validation reports them as unknown keys, like a typo in
+    the YAML. A list or mapping that is not valid JSON is an error naming its variable.
+    """
+    # An empty variable is unset (as with an empty line in a systemd EnvironmentFile); ``null`` is
+    # None, and set below like the short aliases, which pydantic-settings does not know either.
+    names = {name: path for name, value in env.items() if value != "" and (path := _env_path(name))}
+    settings_env = {n: env[n] for n in names if n.upper() not in _ENV_ALIASES and env[n] != ENV_NONE}
+    errors: list[str] = []
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
-    node[path[-1]] = parsed if isinstance(parsed, (str, int, float, bool)) else value
+        data = _EnvSource(settings_env)()
+    except SettingsError:
+        # Find the variable(s) at fault, one at a time, then read the rest.
+        bad = []
+        for name in settings_env:
+            try:
+                _EnvSource({name: settings_env[name]})()
+            except SettingsError:
+                bad.append(name)
+        for name in bad:
+            errors.append(f"{'.'.join(names[name])}: not valid JSON (from {name}); lists and mappings in the "
+                          'environment are written as JSON, e.g. \'["a", "b"]\' or \'{"key": "value"}\'')
+            del settings_env[name]
+            del names[name]
+        try:
+            data = _EnvSource(settings_env)()
+        except SettingsError as exc:  # not one variable alone: say what pydantic-settings said
+            return {}, {}, [*errors, f"environment: {exc}"]
+    origins: dict[tuple[str, ...], str] = {}
+    for name, path in names.items():
+        if env[name] == ENV_NONE:
+            _set_path(data, path, None)
+        elif name.upper() in _ENV_ALIASES:
+            long_name = ENV_PREFIX + ENV_DELIMITER.join(path).upper()
+            found, current = _lookup(data, path)
+            if found and current != env[name]:
+                errors.append(f"{'.'.join(path)}: set by both {name} and {long_name}, to different values; "
+                              "keep one")
+                continue
+            _set_path(data, path, env[name])
+        elif not _lookup(data, path)[0]:
+            _set_path(data, path, env[name])  # not a config key: validation names it as unknown
+        elif re.fullmatch(r"-?\d+", env[name].strip()) and int(env[name]) in _int_literals(_annotation_at(path)):
+            # pydantic's lax mode reads "5039" as an int, but not "16000" as Literal[8000, 16000, 24000].
+            _set_path_ci(data, path, int(env[name]))
+        origins[path] = name
+    return data, origins, errors
 
 
-_VERBATIM_KEYS = frozenset({"api_key", "secret", "token", "url", "hmac_secret", "username", "host"})
+def _demo_or_url_error(data: Mapping[str, Any]) -> str | None:
+    """A config file must say which gateway: ``gateway.url``, or ``gateway.demo: true``.
+
+    Without this rule a production file that lost its ``url`` (or never had one) ran the
+    embedded echo demo and answered real callers with their own voice, and nothing said so.
+    Only files are held to it: ``voxbridge serve`` with no file is the demo of the README, and
+    ``Config()`` in code is the demo too.
+    """
+    gateway = data.get("gateway")
+    if gateway is None:
+        gateway = {}
+    if not isinstance(gateway, Mapping):
+        return None  # validation reports the section itself
+    if gateway.get("url") not in (None, ""):
+        return None
+    try:
+        demo = TypeAdapter(bool).validate_python(gateway.get("demo", False))
+    except ValidationError:
+        return None  # validation reports gateway.demo
+    if demo:
+        return None
+    return ("gateway.url: required in a config file: the ws(s)://…/ws address of your AI gateway (or "
+            "VOXBRIDGE_GATEWAY_URL, or serve --gateway-url); to run the embedded reference gateway, an echo "
+            "demo that never reaches an AI, set gateway.demo: true instead")
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _origin(loc: tuple[str, ...], origins: Mapping[tuple[str, ...], str]) -> str:
+    """Which variables (or command-line options) set the value at ``loc``, as `` (from …)``."""
+    key = tuple(str(p).lower() for p in loc)
+    if not key:
+        return ""  # a check across the whole config: naming every variable would say nothing
+    names = sorted({name for path, name in origins.items()
+                    if key[:len(path)] == path or path[:len(key)] == key})
+    return f" (from {', '.join(names)})" if names else ""
+
+
+def _error_lines(exc: ValidationError, origins: Mapping[tuple[str, ...], str] = {}) -> list[str]:
+    lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
@@ -424,14 +623,29 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key (typo?)"
         inp = err.get("input")
         if err["type"] not in ("extra_forbidden", "missing") and not isinstance(inp, (dict, list)):
-            if not any(s in loc for s in ("api_key", "secret", "token")):
+            # (A validator of ours may have quoted the value already: "…, got 'http://x'".)
+            quoted = err["type"] == "value_error" and repr(inp) in msg
+            if not any(s in loc for s in _SECRET_HINTS) and not quoted:
                 msg += f" (got {inp!r})"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"  {loc}: {msg}{_origin(tuple(err['loc']), origins)}")
+    return lines
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate. Raises :class:`ConfigError` with every problem named by key."""
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    return "\n".join([f"invalid configuration in {source}:", *_error_lines(exc)])
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None, *,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate. Raises :class:`ConfigError` with every problem named by key.
+
+    Precedence, lowest first: defaults, the YAML file at ``path``, the environment (``env``,
+    default ``os.environ``; only ``VOXBRIDGE_*`` variables are read), then ``overrides``
+    (dotted keys, e.g. ``{"gateway.url": …}``: the command line's options).
+
+    A file must name its gateway (``gateway.url``) or ask for the demo (``gateway.demo: true``);
+    with no file, an unset ``gateway.url`` means the demo (see :func:`_demo_or_url_error`).
+    """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source = "defaults"
@@ -450,15 +664,27 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must be a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
-    overrides = _env_overrides(env)
-    for keypath, value in overrides:
-        _set_path(data, keypath, value)
+    env_data, origins, lines = _env_data(env)
+    lines = [f"  {line}" for line in lines]
+    _merge(data, env_data)
+    if origins:
+        source += " + environment (" + ", ".join(sorted(set(origins.values()))) + ")"
     if overrides:
-        source += " + environment (" + ", ".join("VOXBRIDGE_" + "__".join(p).upper() for p, _ in overrides) + ")"
+        for key, value in overrides.items():
+            keypath = tuple(key.split("."))
+            _merge(data, functools.reduce(lambda inner, k: {k: inner}, reversed(keypath), value))
+            origins[keypath] = "the command line"
+        source += " + command line"
+    problem = _demo_or_url_error(data) if path is not None else None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        lines += _error_lines(exc, origins)
+    if problem:
+        lines.append(f"  {problem}")
+    if lines:
+        raise ConfigError("\n".join([f"invalid configuration in {source}:", *lines]))
+    return config
 
 
 def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:

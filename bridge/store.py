@@ -17,6 +17,18 @@ died with the process.
 All access goes through one connection on one thread. That serialises reads behind write
 batches (each is short), and in exchange there is no locking, no ``SQLITE_BUSY`` handling, and an
 in-memory database (``path=None``) behaves exactly like a file.
+
+Retention (``store.retention_days``): ended calls whose ``ended_at`` is older than that are
+deleted with their transcript and tool calls, by the writer on the store's thread — when the
+store starts, then whenever the writer runs and the last pass is an hour old (no idle task waits
+for the hour). Each pass deletes at most ``PRUNE_BATCH`` calls per transaction and lets queued
+writes go between its batches, so years of backlog never hold up a call's events.
+
+Failures: a batch SQLite cannot write (disk full, the file removed or made read-only while
+running) is logged, counted in :attr:`CallStore.errors` and dropped; calls go on. The writer
+itself is watched by the bridge's :class:`~bridge.supervise.Supervisor`: an unexpected exception
+(a bug) is logged with its traceback and counted, and a new writer takes over what is still
+queued. A writer that keeps crashing is reported to the supervisor as fatal.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -34,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from .events import Event
+from .supervise import Supervisor
 
 log = logging.getLogger("voxbridge.store")
 
@@ -47,6 +61,12 @@ QUEUE_MAX = 10_000
 BATCH_MAX = 500
 #: What replaces a redacted tool argument.
 REDACTED = "***"
+#: Retention: how often a pruning pass runs (seconds, checked when the writer runs) and how
+#: many calls one of its transactions deletes at most.
+PRUNE_INTERVAL = 3600.0
+PRUNE_BATCH = 500
+#: While writes keep failing, one log line per this many seconds (the first with its traceback).
+FAILURE_LOG_INTERVAL = 60.0
 #: Calls in these states are over; every other state counts as "active".
 TERMINAL_STATES = ("ended", "failed")
 #: The only event types the history needs; the others are not even queued.
@@ -73,6 +93,7 @@ CREATE TABLE IF NOT EXISTS calls (
 );
 CREATE INDEX IF NOT EXISTS calls_started_at ON calls (started_at);
 CREATE INDEX IF NOT EXISTS calls_state ON calls (state);
+CREATE INDEX IF NOT EXISTS calls_ended_at ON calls (ended_at);
 CREATE TABLE IF NOT EXISTS transcripts (
     call_id TEXT NOT NULL,
     seq     INTEGER NOT NULL,
@@ -163,6 +184,9 @@ class CallStore:
 
     ``path=None`` keeps everything in memory (lost at exit, otherwise identical).
     ``redact_args``: tool argument names stored as ``"***"`` (case-insensitive, at any depth).
+    ``retention_days``: ended calls older than this are deleted (None: kept forever).
+    ``supervisor``: watches the writer (the bridge passes its own; by default a private one,
+    which logs and counts crashes the same way). ``now``: the wall clock, for tests.
 
     Life cycle: ``await start()`` … ``await close()``. :meth:`record` and :meth:`record_dialing`
     may be called before ``start()`` (they are queued) and must be called from the event loop's
@@ -170,8 +194,30 @@ class CallStore:
     """
 
     def __init__(self, path: Path | str | None, redact_args: Iterable[str] = (), *,
-                 queue_max: int = QUEUE_MAX) -> None:
+                 queue_max: int = QUEUE_MAX, retention_days: float | None = None,
+                 supervisor: Supervisor | None = None, now: Callable[[], float] = time.time,
+                 prune_interval: float = PRUNE_INTERVAL, prune_batch: int = PRUNE_BATCH) -> None:
+        if retention_days is not None and retention_days <= 0:
+            raise ValueError(f"retention_days must be positive or None, got {retention_days!r}")
         self.path = Path(path) if path is not None else None
+        self.retention_days = retention_days
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._now = now
+        self._prune_interval = prune_interval
+        self._prune_batch = prune_batch
+        #: When the next pruning pass is due (the ``now`` clock); None: no retention or not started.
+        self._next_prune: float | None = None
+        self._last_prune: float | None = None
+        self._pruned_this_pass = 0
+        #: Calls deleted by retention since start.
+        self.pruned = 0
+        # (dev, inode) of the database file when opened: a file removed or replaced while we run
+        # still accepts writes through our open descriptor, into a file nobody will ever read.
+        self._file_id: tuple[int, int] | None = None
+        self._failing_since: float | None = None  # monotonic; None while writes succeed
+        self._failed_events = 0  # lost while failing
+        self._failure_logged_at = 0.0
+        self._writer_crash_times: collections.deque[float] = collections.deque()
         self._redact = frozenset(n.lower() for n in redact_args)
         self._queue: collections.deque[Event | _Dialing] = collections.deque()
         self._queue_max = queue_max
@@ -191,6 +237,8 @@ class CallStore:
         # Two counters, because one is bumped on the loop and one on the store's thread.
         self._queue_errors = 0
         self._apply_errors = 0
+        #: Writer crashes (unexpected exceptions; each logged with its traceback).
+        self.writer_crashes = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -214,17 +262,27 @@ class CallStore:
             self._executor = None
             raise
         self._loop = asyncio.get_running_loop()
-        if self._queue:  # recorded before start()
+        if self.retention_days is not None:
+            self._next_prune = self._now()  # a first pass now, on the writer
+        if self._queue or self._prune_due():  # recorded before start(), or old calls to delete
             self._spawn_writer()
-        log.info("call history: %s", self.path or "in memory")
+        log.info("call history: %s%s", self.path or "in memory",
+                 f" (calls kept {self.retention_days:g} days)" if self.retention_days is not None else "")
 
     async def close(self) -> None:
         """Apply every queued write, then close the database. Later records are dropped."""
         if self._closed:
             return
         self._closing = True  # from now on _put drops, so the writer drains and exits
-        if self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        while self._writer is not None and not self._writer.done():
+            # Not awaited directly: a writer that crashed must not make close() raise. Its done
+            # callbacks run before wait() returns, so a writer that took over is waited for too.
+            await asyncio.wait([self._writer])
+        if self._queue:  # left by a writer that crashed beyond restarting
+            self._queue_errors += len(self._queue)
+            log.error("call history: %d queued event(s) were never written", len(self._queue))
+            self._applied += len(self._queue)
+            self._queue.clear()
         self._closed = True
         if self._executor is not None:
             try:
@@ -234,7 +292,9 @@ class CallStore:
                 self._executor = None
 
     async def flush(self) -> None:
-        """Wait until everything queued so far has been applied (or given up on)."""
+        """Wait until everything queued so far has been applied (or given up on).
+
+        Waits across a writer crash (the writer started in its place finishes the work)."""
         target = self._enqueued
         if self._applied >= target or self._writer is None or self._writer.done():
             return
@@ -244,7 +304,8 @@ class CallStore:
 
     @property
     def errors(self) -> int:
-        """Events that could not be queued or applied (bad data, SQLite errors); each is logged."""
+        """Events that could not be queued or applied (bad data, SQLite errors, a writer crash) and
+        retention passes that failed; each is logged."""
         return self._queue_errors + self._apply_errors
 
     @property
@@ -271,7 +332,7 @@ class CallStore:
         reads at once (they wait for queued writes). Never blocks, never raises.
         """
         try:
-            self._put(_Dialing(call_id, direction, profile, destination, dict(metadata or {}), time.time()))
+            self._put(_Dialing(call_id, direction, profile, destination, dict(metadata or {}), self._now()))
         except Exception:  # noqa: BLE001
             self._queue_errors += 1
             log.exception("call history: cannot queue a dialing call")
@@ -291,31 +352,119 @@ class CallStore:
             self._spawn_writer()
 
     def _spawn_writer(self) -> None:
-        # The writer runs only while there is something to write: no idle task outlives a call
+        # The writer runs only while there is something to do: no idle task outlives a call
         # (tests check for leaked tasks), and there is still never more than one, so order holds.
         assert self._loop is not None
-        self._writer = self._loop.create_task(self._write_loop(), name="store-writer")
+        task = self._loop.create_task(self._write_loop(), name="store-writer")
+        self._writer = task
+        # Registered in this order, so a crash is handled (and a replacement started) first.
+        self._supervisor.watch(task, "store-writer", self._writer_crashed)
+        task.add_done_callback(self._writer_done)
 
-    async def _write_loop(self) -> None:
-        try:
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH_MAX))]
-                try:
-                    await self._run(self._apply_batch, batch)
-                except Exception:  # noqa: BLE001 - e.g. disk full: lose this batch, keep the writer alive
-                    self._queue_errors += len(batch)
-                    log.exception("call history: %d event(s) could not be written", len(batch))
-                self._applied += len(batch)
-                self._wake_flushers()
-            if self._burst_drops:
-                log.warning("call history: write queue drained; %d event(s) were dropped", self._burst_drops)
-                self._burst_drops = 0
-        finally:
-            # Whatever happens to the writer, nobody waits for it forever.
+    def _writer_crashed(self, exc: BaseException) -> None:
+        """Supervisor callback: the writer died of an unexpected exception (already logged with
+        its traceback). Start a new one for what is still queued, unless crashes keep coming."""
+        self.writer_crashes += 1
+        now = time.monotonic()
+        self._writer_crash_times.append(now)
+        while self._writer_crash_times and now - self._writer_crash_times[0] > self._supervisor.window:
+            self._writer_crash_times.popleft()
+        if len(self._writer_crash_times) > self._supervisor.max_restarts:
+            # Raising here makes the supervisor declare the part broken (the bridge then exits).
+            raise RuntimeError(f"the call-history writer crashed {len(self._writer_crash_times)} times in "
+                               f"{self._supervisor.window:.0f} s") from exc
+        if (self._queue or self._prune_due()) and (self._writer is None or self._writer.done()):
+            self._spawn_writer()
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        # Whatever happened to the writer, nobody waits for it forever; but if another writer
+        # took over (after a crash), the flushers of what is still queued wait for that one.
+        self._wake_flushers()
+        if self._writer is task:
             for _, fut in self._flush_waiters:
                 if not fut.done():
                     fut.set_result(None)
             self._flush_waiters.clear()
+
+    def _prune_due(self) -> bool:
+        if self._next_prune is None or self._closing:
+            return False  # no retention; or closing: close() drains writes, it does not wait for a purge
+        now = self._now()
+        # A wall clock set back (by more than a pass) must not postpone retention for that long.
+        return now >= self._next_prune or (self._last_prune is not None and now < self._last_prune)
+
+    async def _write_loop(self) -> None:
+        while self._queue or self._prune_due():
+            if self._queue:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH_MAX))]
+                try:
+                    await self._run(self._apply_batch, batch)
+                except sqlite3.Error as exc:  # disk full, file removed or read-only: lose this batch, go on
+                    self._queue_errors += len(batch)
+                    self._write_failed(len(batch), exc)
+                except asyncio.CancelledError:
+                    self._applied += len(batch)  # (the thread may still apply it)
+                    raise
+                except BaseException:
+                    # A bug: the batch is lost. The supervisor logs it and starts a new writer for
+                    # the rest; flushers wake once that is done (_writer_done), not before.
+                    self._queue_errors += len(batch)
+                    self._applied += len(batch)
+                    raise
+                else:
+                    self._write_succeeded()
+                self._applied += len(batch)
+                self._wake_flushers()
+            if self._prune_due():
+                await self._prune_step()  # one bounded batch; queued writes go before the next one
+        if self._burst_drops:
+            log.warning("call history: write queue drained; %d event(s) were dropped", self._burst_drops)
+            self._burst_drops = 0
+
+    def _write_failed(self, events: int, exc: sqlite3.Error) -> None:
+        self._failed_events += events
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._failure_logged_at = now
+            log.error("call history: cannot write (%s): %d event(s) lost; calls go on, and this is logged once "
+                      "a minute while it lasts", exc, events, exc_info=exc)
+        elif now - self._failure_logged_at >= FAILURE_LOG_INTERVAL:
+            self._failure_logged_at = now
+            log.error("call history: still cannot write (%s): %d event(s) lost in %.0f s", exc, self._failed_events,
+                      now - self._failing_since)
+
+    def _write_succeeded(self) -> None:
+        if self._failing_since is not None:
+            log.warning("call history: writing again after %.0f s; %d event(s) were lost",
+                        time.monotonic() - self._failing_since, self._failed_events)
+            self._failing_since = None
+            self._failed_events = 0
+
+    async def _prune_step(self) -> None:
+        """One retention batch. The next pass is scheduled before this one runs, so a failing
+        (or crashing) pass is not retried at once."""
+        assert self.retention_days is not None
+        now = self._now()
+        self._last_prune = now
+        self._next_prune = now + self._prune_interval
+        cutoff = now - self.retention_days * 86400.0
+        try:
+            deleted = await self._run(self._prune_batch_on_thread, cutoff, self._prune_batch)
+        except sqlite3.Error as exc:
+            self._queue_errors += 1
+            log.error("call history: cannot delete calls older than store.retention_days (%s); next try in %.0f s",
+                      exc, self._prune_interval)
+            self._pruned_this_pass = 0
+            return
+        self._pruned_this_pass += deleted
+        self.pruned += deleted
+        if deleted >= self._prune_batch:
+            self._next_prune = now  # more to delete: the next batch after the queued writes
+            return
+        if self._pruned_this_pass:
+            log.info("call history: deleted %d call(s) that ended more than %g day(s) ago (store.retention_days)",
+                     self._pruned_this_pass, self.retention_days)
+        self._pruned_this_pass = 0
 
     def _wake_flushers(self) -> None:
         keep = []
@@ -444,7 +593,10 @@ class CallStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")  # e.g. an operator's sqlite3 shell holding a lock
             self._migrate(conn)
-            now = time.time()
+            if self.path is not None:
+                st = os.stat(self.path)
+                self._file_id = (st.st_dev, st.st_ino)
+            now = self._now()
             conn.execute("BEGIN IMMEDIATE")
             cur = conn.execute(
                 "UPDATE calls SET state = 'ended', end_reason = COALESCE(end_reason, 'bridge-restart'), "
@@ -474,6 +626,9 @@ class CallStore:
                         conn.execute(stmt)
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            # Not a schema change (older versions read the file as before, so no version bump that
+            # would stop a downgrade): the index retention deletes by, for files made before it.
+            conn.execute("CREATE INDEX IF NOT EXISTS calls_ended_at ON calls (ended_at)")
             # Future versions: `if version < 2: ALTER TABLE …` here, in order.
             conn.execute("COMMIT")
         except BaseException:
@@ -485,7 +640,46 @@ class CallStore:
             self._conn.close()
         self._conn = None
 
+    def _check_file(self) -> None:
+        """Raise if the database file is gone, replaced or read-only since it was opened.
+
+        SQLite would go on writing through its open descriptor (into a removed file, or past a
+        ``chmod a-w`` — root ignores permissions), and the history would silently be lost.
+        """
+        if self._file_id is None or self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"the call history {self.path} is gone ({exc.strerror}); "
+                                           "restart voxbridge to create it again") from None
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise sqlite3.OperationalError(f"the call history {self.path} was replaced by another file; "
+                                           "restart voxbridge to use it")
+        if not st.st_mode & 0o222:
+            raise sqlite3.OperationalError(f"the call history {self.path} was made read-only")
+
+    def _prune_batch_on_thread(self, conn: sqlite3.Connection, cutoff: float, limit: int) -> int:
+        """Delete up to ``limit`` calls that ended before ``cutoff``, with their rows; how many."""
+        self._check_file()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [r[0] for r in conn.execute(
+                f"SELECT call_id FROM calls WHERE ended_at < ? AND state IN ({', '.join('?' * len(TERMINAL_STATES))}) "
+                "ORDER BY ended_at LIMIT ?", (cutoff, *TERMINAL_STATES, limit))]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                for table in ("transcripts", "tool_calls", "calls"):
+                    conn.execute(f"DELETE FROM {table} WHERE call_id IN ({marks})", ids)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return len(ids)
+
     def _apply_batch(self, conn: sqlite3.Connection, batch: list[Event | _Dialing]) -> None:
+        self._check_file()
         conn.execute("BEGIN")
         try:
             for item in batch:

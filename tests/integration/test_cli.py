@@ -70,6 +70,7 @@ async def test_sigterm_ends_calls_gracefully_and_exits(serve):
     await caller.aclose()
     err = proc.stderr.read()
     assert "call ended: shutdown" in err and "Traceback" not in err
+    assert "DEMO MODE" in err  # the echo demo never runs quietly
 
 
 def test_bad_config_exits_with_a_clear_message(tmp_path):
@@ -98,7 +99,7 @@ def test_unwritable_store_is_reported_not_traced(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"store: {{path: {blocker}/calls.db}}\napi: {{enabled: false}}\n"
+    cfg.write_text(f"gateway: {{demo: true}}\nstore: {{path: {blocker}/calls.db}}\napi: {{enabled: false}}\n"
                    f"audiosocket: {{listen: '127.0.0.1:{free_port()}'}}\n")
     res = subprocess.run(voxbridge("serve", "--config", str(cfg)), capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
@@ -130,3 +131,46 @@ async def test_serve_with_a_gateway_url_takes_the_key_from_the_environment():
             assert await asyncio.wait_for(proc.wait(), 10) == 0
         err = (await proc.stderr.read()).decode()
         assert "av_env_key_0123" not in err  # never logged
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXBRIDGE_")}
+    env.update(extra)
+    return env
+
+
+def test_check_config_takes_a_phone_number_from_the_environment():
+    """The acceptance line: an env value is read as its key's type (a string stays a string)."""
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "voxbridge.yaml")
+    res = subprocess.run(voxbridge("check-config", examples), capture_output=True, text=True, timeout=30,
+                         env=clean_env(VOXBRIDGE_OUTBOUND__CALLER_ID="+441632960000"))
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+
+
+def test_serve_refuses_a_file_that_names_no_gateway(tmp_path):
+    cfg = tmp_path / "prod.yaml"
+    cfg.write_text("api: {enabled: false}\n")
+    res = subprocess.run(voxbridge("serve", "--config", str(cfg)), capture_output=True, text=True, timeout=30,
+                         env=clean_env())
+    assert res.returncode == 2
+    assert "gateway.url: required in a config file" in res.stderr and "gateway.demo: true" in res.stderr
+    assert "ready" not in res.stdout and "Traceback" not in res.stderr
+
+
+async def test_serve_gateway_url_option_satisfies_a_file_without_one(tmp_path):
+    cfg = tmp_path / "prod.yaml"
+    port = free_port()
+    cfg.write_text(f"api: {{enabled: false}}\naudiosocket: {{listen: '127.0.0.1:{port}'}}\n")
+    proc = await asyncio.create_subprocess_exec(
+        *voxbridge("serve", "--config", str(cfg), "--gateway-url", "ws://127.0.0.1:9/ws"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=clean_env(VOXBRIDGE_GATEWAY_API_KEY="av_test"))
+    try:
+        ready = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert f"ready: AudioSocket on 127.0.0.1:{port}" in ready and "demo" not in ready
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    err = (await proc.stderr.read()).decode()
+    assert "DEMO MODE" not in err and "Traceback" not in err

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bridge.app import Bridge
 from bridge.cli import main
-from bridge.config import ConfigError, Profile, load_config
+from bridge.config import Config, ConfigError, Profile, load_config
 
 
 def write(tmp_path, text: str):
@@ -79,6 +81,7 @@ def test_prompt_placeholders():
 
 def test_registry_checks_unknown_tools_and_qwen(tmp_path, caplog):
     cfg = load_config(write(tmp_path, """
+gateway: {demo: true}
 profiles:
   default: {tools: [end_call, fly_to_moon], dtmf: {"0": {tool: nope}}}
 """), env={})
@@ -87,7 +90,8 @@ profiles:
     assert "profiles.default.tools.1: unknown tool 'fly_to_moon'" in str(err.value)
     assert "profiles.default.dtmf.0.tool: unknown tool 'nope'" in str(err.value)
 
-    cfg = load_config(write(tmp_path, "profiles: {default: {provider: qwen, tools: [end_call]}}\n"), env={})
+    cfg = load_config(write(tmp_path, "gateway: {demo: true}\nprofiles: {default: {provider: qwen, tools: [end_call]}}\n"),
+                      env={})
     Bridge(cfg)
     assert "provider 'qwen' does not emit tool calls" in caplog.text
 
@@ -99,10 +103,152 @@ def test_gateway_url_needs_a_key():
 
 
 def test_check_config_command(tmp_path, capsys):
-    good = write(tmp_path, "profiles: {default: {}, sales: {sample_rate: 16000}}\n")
+    good = write(tmp_path, "gateway: {demo: true}\nprofiles: {default: {}, sales: {sample_rate: 16000}}\n")
     assert main(["check-config", str(good)]) == 0
     assert "OK (2 profile(s): default, sales" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("audiosocket: {listen: nine-thousand}\n")
     assert main(["check-config", str(bad)]) == 1
     assert "audiosocket.listen" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ environment, typed by the schema
+
+
+def test_environment_values_are_read_as_the_type_of_their_key():
+    cfg = load_config(None, env={
+        "VOXBRIDGE_OUTBOUND__CALLER_ID": "+441632960000",        # a str key: verbatim, not the number 441632960000
+        "VOXBRIDGE_ORIGINATE__CALLER_ID": "0123",                # not 123
+        "VOXBRIDGE_PROFILES__DEFAULT__FIRST_MESSAGE": "yes",     # not True
+        "VOXBRIDGE_PROFILES__DEFAULT__VOICE": "1e3",             # not 1000.0
+        "VOXBRIDGE_AMI__ENABLED": "yes",                         # a bool key: parsed
+        "VOXBRIDGE_AMI__CHANNEL_WAIT": "2.5",
+        "VOXBRIDGE_PROFILES__DEFAULT__SAMPLE_RATE": "16000",     # Literal[8000, 16000, 24000]
+        "VOXBRIDGE_ALLOW__ORIGINATE": r'["\\+44\\d{10}"]',       # lists and mappings are JSON
+        "VOXBRIDGE_PROFILES__DEFAULT__VARIABLES": '{"company": "0123"}',
+        "VOXBRIDGE_STORE__RETENTION_DAYS": "null",
+        "VOXBRIDGE_LOG_LEVEL": "DEBUG",                          # a top-level key
+        "VOXBRIDGE_API__MAX_BODY_BYTES": "",                     # empty: unset
+    })
+    assert cfg.outbound.caller_id == "+441632960000"
+    assert cfg.originate.caller_id == "0123"
+    p = cfg.profile(None)
+    assert p.first_message == "yes" and p.voice == "1e3"
+    assert cfg.ami.enabled is True and cfg.ami.channel_wait == 2.5
+    assert p.sample_rate == 16000
+    assert cfg.allow.originate == [r"\+44\d{10}"]
+    assert p.variables == {"company": "0123"}
+    assert cfg.store.retention_days is None
+    assert cfg.log_level == "DEBUG"
+    assert cfg.api.max_body_bytes == 1024 * 1024
+
+
+def test_environment_overrides_the_file_and_merges_into_its_mappings(tmp_path):
+    path = write(tmp_path, """
+gateway: {url: "wss://gw.example/ws"}
+ami: {port: 5040, host: pbx.example}
+default_profile: support
+profiles:
+  Sales: {prompt: "You sell.", voice: Adam}
+  support: {prompt: "You help."}
+""")
+    cfg = load_config(path, env={"VOXBRIDGE_AMI__PORT": "5039", "VOXBRIDGE_PROFILES__SALES__VOICE": "Eve",
+                                 "VOXBRIDGE_PROFILES__NEW__LANGUAGE": "de-DE"})
+    assert cfg.ami.port == 5039 and cfg.ami.host == "pbx.example"
+    # Variable names are case-insensitive: SALES lands on the file's "Sales", and keeps its prompt.
+    assert set(cfg.profiles) == {"Sales", "support", "new"}
+    assert (cfg.profiles["Sales"].voice, cfg.profiles["Sales"].prompt) == ("Eve", "You sell.")
+    assert cfg.profiles["support"].prompt == "You help."
+    assert cfg.profiles["new"].language == "de-DE"
+
+
+def test_an_unknown_environment_key_is_an_error_naming_the_variable():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"VOXBRIDGE_AMI__PROT": "1", "VOXBRIDGE_AIM__PORT": "5039",
+                               "VOXBRIDGE_NO_UVLOOP": "1"})  # not a config key (read by the CLI): ignored
+    text = str(err.value)
+    assert "ami.prot: unknown key (typo?) (from VOXBRIDGE_AMI__PROT)" in text
+    assert "aim: unknown key (typo?) (from VOXBRIDGE_AIM__PORT)" in text
+    assert "NO_UVLOOP" not in text
+
+
+def test_a_list_in_the_environment_must_be_json():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"VOXBRIDGE_ALLOW__TRANSFER": "operators,100", "VOXBRIDGE_AMI__PORT": "x"})
+    text = str(err.value)
+    assert "allow.transfer: not valid JSON (from VOXBRIDGE_ALLOW__TRANSFER)" in text
+    # The other variables are still read and checked: every problem at once.
+    assert "ami.port: Input should be a valid integer" in text and "(from VOXBRIDGE_AMI__PORT)" in text
+
+
+def test_env_errors_never_echo_secrets():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"VOXBRIDGE_AMI_SECRET": "s3cret-one", "VOXBRIDGE_AMI__SECRET": "s3cret-two",
+                               "VOXBRIDGE_API_TOKEN": "tok-3", "VOXBRIDGE_AMI__PORT": "x"})
+    text = str(err.value)
+    assert "ami.secret: set by both VOXBRIDGE_AMI_SECRET and VOXBRIDGE_AMI__SECRET" in text
+    assert "VOXBRIDGE_API_TOKEN" in text  # named as a source of the configuration…
+    assert not any(v in text for v in ("s3cret-one", "s3cret-two", "tok-3"))  # …its value never shown
+
+
+def test_the_given_env_mapping_is_read_instead_of_os_environ(monkeypatch):
+    monkeypatch.setenv("VOXBRIDGE_AMI__PORT", "not-a-port")
+    monkeypatch.setenv("VOXBRIDGE_GATEWAY_URL", "wss://from-os-environ.example/ws")
+    cfg = load_config(None, env={"VOXBRIDGE_AUDIOSOCKET__MAX_CALLS": "7"})
+    assert cfg.ami.port == 5038 and cfg.gateway.url is None and cfg.audiosocket.max_calls == 7
+    with pytest.raises(ConfigError, match="VOXBRIDGE_AMI__PORT"):
+        load_config(None)  # env=None: os.environ
+
+
+# ------------------------------------------------------------------ which gateway
+
+
+def test_a_file_without_gateway_url_is_an_error_unless_it_asks_for_the_demo(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "profiles: {default: {sample_rate: 44100}}\n"), env={})
+    text = str(err.value)
+    assert "gateway.url: required in a config file" in text and "gateway.demo: true" in text
+    assert "profiles.default.sample_rate" in text  # reported with the other problems, not after them
+
+    demo = load_config(write(tmp_path, "gateway: {demo: true}\n"), env={})
+    assert demo.gateway.url is None and demo.gateway.demo is True
+    # The environment or the command line may name the gateway instead of the file.
+    bare = write(tmp_path, "audiosocket: {max_calls: 5}\n")
+    assert load_config(bare, env={"VOXBRIDGE_GATEWAY_URL": "wss://gw.example/ws"}).gateway.url == "wss://gw.example/ws"
+    assert load_config(bare, env={"VOXBRIDGE_GATEWAY__DEMO": "true"}).gateway.demo is True
+    assert load_config(bare, env={}, overrides={"gateway.url": "wss://cli.example/ws"}).gateway.url == \
+        "wss://cli.example/ws"
+
+
+def test_no_file_and_config_in_code_still_mean_the_demo():
+    assert load_config(None, env={}).gateway.url is None
+    assert Config().gateway.url is None and Config().gateway.demo is False
+    Bridge(Config())  # constructs: tests and embedders rely on Config() being the demo
+
+
+def test_gateway_url_and_demo_together_are_an_error(tmp_path):
+    path = write(tmp_path, "gateway: {demo: true}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={"VOXBRIDGE_GATEWAY_URL": "wss://gw.example/ws"})
+    assert "gateway.url and gateway.demo: true are both set" in str(err.value)
+    assert "(from VOXBRIDGE_GATEWAY_URL)" in str(err.value)
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(write(tmp_path, "gateway: {demo: true, url: 'wss://gw.example/ws'}\n"), env={})
+
+
+def test_command_line_overrides_are_validated_and_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={}, overrides={"gateway.url": "http://gw.example/ws"})
+    assert "gateway.url: Value error, must be a ws:// or wss:// URL" in str(err.value)
+    assert "(from the command line)" in str(err.value)
+
+
+def test_check_config_requires_the_gateway(tmp_path, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.upper().startswith("VOXBRIDGE_")]:
+        monkeypatch.delenv(name)
+    path = write(tmp_path, "profiles: {default: {}}\n")
+    assert main(["check-config", str(path)]) == 1
+    assert "gateway.url: required in a config file" in capsys.readouterr().err
+    monkeypatch.setenv("VOXBRIDGE_GATEWAY_URL", "wss://gw.example/ws")
+    assert main(["check-config", str(path)]) == 0
+    assert "gateway wss://gw.example/ws" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 import time
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 
 from bridge.events import Event, EventBus
-from bridge.store import QUEUE_MAX, CallStore
+from bridge.store import BATCH_MAX, QUEUE_MAX, CallStore
+from bridge.supervise import Supervisor
 
 CALL_KEYS = {"call_id", "state", "direction", "profile", "caller", "called", "channel", "started_at", "ended_at",
              "duration_s", "end_reason", "metadata", "transcript", "tools"}
@@ -377,3 +379,266 @@ async def test_close_flushes_and_later_records_are_dropped(tmp_path):
         assert await s2.get_call("late") is None
     finally:
         await s2.close()
+
+
+# ------------------------------------------------------------------ retention
+
+DAY = 86400.0
+NOW = 1_800_000_000.0  # a fixed "now" for the injected clock
+
+
+def ended_call(store: CallStore, call_id: str, ended_at: float, *, failed: bool = False) -> None:
+    """A call with a transcript line and a tool call, over at ``ended_at`` (event timestamps set)."""
+    start = ended_at - 60
+    store.record(Event("call.started", call_id, {"profile": "p", "direction": "inbound", "caller": "1",
+                                                 "caller_name": "", "called": "2", "channel": None,
+                                                 "variables": {}, "metadata": {}}, ts=start))
+    store.record(Event("transcript", call_id, {"role": "user", "text": "hello", "t": 1.0}, ts=start + 1))
+    store.record(Event("tool.called", call_id, {"tool": "t", "tool_call_id": f"{call_id}-t", "args": {},
+                                                "origin": "gateway"}, ts=start + 2))
+    if failed:
+        store.record(Event("call.failed", call_id, {"reason": "gateway-error", "message": "x"}, ts=ended_at))
+    else:
+        store.record(Event("call.ended", call_id, {"reason": "caller-hangup", "duration_s": 60.0, "transcript": [],
+                                                   "tools": []}, ts=ended_at))
+
+
+def rows(path, call_id: str) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        return {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE call_id = ?", (call_id,)).fetchone()[0]
+                for t in ("calls", "transcripts", "tool_calls")}
+    finally:
+        conn.close()
+
+
+async def writer_idle() -> None:
+    """Until no store writer is running (retention runs on the writer, after the writes)."""
+    while writers := [t for t in asyncio.all_tasks() if t.get_name() == "store-writer" and not t.done()]:
+        await asyncio.wait(writers, timeout=10)
+
+
+async def history(path, calls: dict[str, tuple[float, bool]]) -> None:
+    """Write a history file with ``calls`` (id → (ended_at, failed)), with no retention."""
+    s = CallStore(path)
+    await s.start()
+    for call_id, (ended_at, failed) in calls.items():
+        ended_call(s, call_id, ended_at, failed=failed)
+    s.record(Event("call.started", "old-live", {"profile": "p"}, ts=NOW - 400 * DAY))  # never ended
+    await s.close()
+
+
+async def test_retention_deletes_old_ended_calls_with_their_rows_when_the_store_starts(tmp_path):
+    path = tmp_path / "calls.db"
+    await history(path, {"old": (NOW - 40 * DAY, False), "old-failed": (NOW - 31 * DAY, True),
+                         "recent": (NOW - 29 * DAY, False)})
+    assert rows(path, "old") == {"calls": 1, "transcripts": 1, "tool_calls": 1}
+
+    s = CallStore(path, retention_days=30, now=lambda: NOW)
+    await s.start()
+    try:
+        await writer_idle()
+        assert rows(path, "old") == rows(path, "old-failed") == {"calls": 0, "transcripts": 0, "tool_calls": 0}
+        assert rows(path, "recent") == {"calls": 1, "transcripts": 1, "tool_calls": 1}
+        assert s.pruned == 2
+        # A call that never ended is not "older than retention_days", however old it is (a restart
+        # closes such calls, with the time of the restart as their end).
+        assert await s.get_call("old-live") is not None
+        assert [c["call_id"] for c in await s.list_calls(None, 10, 0)] == ["recent", "old-live"]
+    finally:
+        await s.close()
+
+
+async def test_no_retention_keeps_every_call(tmp_path):
+    path = tmp_path / "calls.db"
+    await history(path, {"ancient": (NOW - 4000 * DAY, False)})
+    s = CallStore(path, retention_days=None, now=lambda: NOW)
+    await s.start()
+    try:
+        await writer_idle()
+        assert await s.get_call("ancient") is not None and s.pruned == 0
+    finally:
+        await s.close()
+
+
+async def test_retention_runs_again_when_the_writer_runs_and_an_interval_has_passed():
+    clock = [NOW]
+    s = CallStore(None, retention_days=30, now=lambda: clock[0], prune_interval=3600)
+    await s.start()
+    try:
+        ended_call(s, "c", NOW - 30 * DAY + 60)  # a minute short of 30 days old
+        await writer_idle()
+        assert await s.get_call("c") is not None
+
+        clock[0] = NOW + 120  # now older than 30 days, but the last pass was 2 minutes ago
+        s.record_dialing("w1", "outbound", None, "100")  # the writer runs…
+        await writer_idle()
+        assert await s.get_call("c") is not None  # …and does not prune yet
+
+        clock[0] = NOW + 3601  # the hour is up: nothing runs until there is something to write
+        await asyncio.sleep(0.05)
+        assert await s.get_call("c") is not None and s.pruned == 0
+        s.record_dialing("w2", "outbound", None, "100")
+        await writer_idle()
+        assert await s.get_call("c") is None and s.pruned == 1
+        assert await s.get_call("w2") is not None  # the write itself went through
+    finally:
+        await s.close()
+
+
+async def test_a_retention_backlog_is_deleted_in_bounded_batches_that_let_writes_through(tmp_path, monkeypatch):
+    path = tmp_path / "calls.db"
+    await history(path, {f"old{i}": (NOW - (100 + i) * DAY, False) for i in range(35)})
+    order: list[tuple[str, int]] = []
+    original_prune, original_apply = CallStore._prune_batch_on_thread, CallStore._apply_batch
+    loop = asyncio.get_running_loop()
+    s = CallStore(path, retention_days=30, now=lambda: NOW, prune_batch=10)
+
+    def prune_spy(self, conn, cutoff, limit):
+        deleted = original_prune(self, conn, cutoff, limit)
+        order.append(("prune", deleted))
+        if len(order) == 1:  # a call's events arrive while the first batch is being deleted
+            loop.call_soon_threadsafe(s.record, Event("call.started", "live", {"profile": "p"}))
+        return deleted
+
+    def apply_spy(self, conn, batch):
+        order.append(("write", len(batch)))
+        return original_apply(self, conn, batch)
+
+    monkeypatch.setattr(CallStore, "_prune_batch_on_thread", prune_spy)
+    monkeypatch.setattr(CallStore, "_apply_batch", apply_spy)
+    await s.start()
+    try:
+        await writer_idle()
+        # The write went in right after the first batch, not after the whole backlog.
+        assert order == [("prune", 10), ("write", 1), ("prune", 10), ("prune", 10), ("prune", 5)]
+        assert s.pruned == 35 and await s.count_calls() == 2  # "old-live" and "live"
+    finally:
+        await s.close()
+
+
+# ------------------------------------------------------------------ writer supervision and failures
+
+
+async def test_a_crashed_writer_is_logged_counted_and_replaced_while_work_remains(monkeypatch, caplog):
+    sup = Supervisor()
+    s = CallStore(None, supervisor=sup)
+    await s.start()
+    original = CallStore._wake_flushers
+    crashed = []
+
+    def buggy(self):
+        if not crashed:
+            crashed.append(1)
+            raise KeyError("bug after a batch")
+        return original(self)
+
+    monkeypatch.setattr(CallStore, "_wake_flushers", buggy)
+    try:
+        for i in range(BATCH_MAX + 100):  # two batches; the writer dies after the first
+            s.record(Event("call.started", f"k{i}", {"profile": "p"}))
+        await asyncio.wait_for(s.flush(), 10)  # waits for the writer that took over, not forever
+        assert await s.count_calls() == BATCH_MAX + 100  # nothing lost: the rest was written by the new writer
+        assert s.errors == 0 and s.writer_crashes == 1 and sup.crashes["store-writer"] == 1
+        assert any("store-writer crashed" in r.getMessage() and r.exc_info for r in caplog.records)
+    finally:
+        await s.close()
+
+
+async def test_a_writer_that_keeps_crashing_is_fatal_and_nobody_hangs(monkeypatch):
+    fatal: list[str] = []
+    sup = Supervisor(lambda name, exc: fatal.append(name), max_restarts=2)
+    s = CallStore(None, supervisor=sup)
+    await s.start()
+
+    def always(self, conn, batch):
+        raise KeyError("bug in every batch")
+
+    monkeypatch.setattr(CallStore, "_apply_batch", always)
+    for i in range(5 * BATCH_MAX):
+        s.record(Event("call.started", f"x{i}", {"profile": "p"}))
+    await asyncio.wait_for(s.flush(), 10)  # released when the supervisor gives up
+    assert fatal == ["store-writer"]
+    assert s.writer_crashes == 3 and sup.crashes["store-writer"] == 3  # 2 restarts, then no more
+    await asyncio.wait_for(s.close(), 10)  # does not raise; what was still queued is counted as lost
+    assert s.errors == 5 * BATCH_MAX and s.pending == 0
+
+
+async def test_history_removed_while_running_calls_go_on_errors_are_logged_and_counted(tmp_path, caplog):
+    directory = tmp_path / "history"
+    s = CallStore(directory / "calls.db")
+    await s.start()
+    try:
+        bus = bus_for(s)
+        publish_call(bus, "before")
+        await s.flush()
+        assert s.errors == 0
+        shutil.rmtree(directory)  # SQLite would go on writing into the removed file, silently
+        publish_call(bus, "after")  # never raises
+        await s.flush()
+        assert s.errors == 7  # every stored event of the call (all but the dtmf), counted
+        assert any("call history: cannot write" in r.getMessage() and "is gone" in r.getMessage()
+                   for r in caplog.records)
+        publish_call(bus, "later")
+        await s.flush()
+        assert s.errors == 14
+        errors_logged = [r for r in caplog.records if "cannot write" in r.getMessage()]
+        assert len(errors_logged) == 1  # once, not once per batch
+    finally:
+        await s.close()
+
+
+async def test_history_made_read_only_while_running_then_writable_again(tmp_path, caplog):
+    path = tmp_path / "calls.db"
+    s = CallStore(path)
+    await s.start()
+    try:
+        bus = bus_for(s)
+        path.chmod(0o444)  # (root could still write: the store must notice by itself)
+        publish_call(bus, "while-read-only")
+        await s.flush()
+        assert s.errors == 7
+        assert any("was made read-only" in r.getMessage() for r in caplog.records)
+        path.chmod(0o644)
+        publish_call(bus, "after")
+        await s.flush()
+        assert s.errors == 7
+        assert (await s.get_call("after"))["state"] == "ended"
+        assert any("writing again" in r.getMessage() for r in caplog.records)
+    finally:
+        path.chmod(0o644)
+        await s.close()
+
+
+async def test_the_bridge_wires_retention_and_its_supervisor_into_the_store(tmp_path, monkeypatch):
+    from bridge.app import Bridge
+    from bridge.config import Config
+
+    bridge = Bridge(Config(audiosocket={"listen": "127.0.0.1:0"}, api={"enabled": False},
+                           store={"path": str(tmp_path / "history" / "calls.db")}))
+    await bridge.start()
+    try:
+        assert bridge.store.retention_days == 90  # the config default
+        original = CallStore._apply_batch
+        crashed = []
+
+        def buggy(self, conn, batch):
+            if not crashed:
+                crashed.append(1)
+                raise KeyError("bug")
+            return original(self, conn, batch)
+
+        monkeypatch.setattr(CallStore, "_apply_batch", buggy)
+        bridge.events.publish("call.started", "b1", profile="default")
+        await bridge.store.flush()
+        metrics = bridge.metrics_text()
+        assert 'voxbridge_part_crashes_total{part="store-writer"} 1' in metrics
+        assert "voxbridge_store_errors_total 1" in metrics
+        bridge.events.publish("call.started", "b2", profile="default")  # a new writer for new work
+        assert await bridge.store.get_call("b2") is not None
+        shutil.rmtree(tmp_path / "history")
+        bridge.events.publish("call.started", "b3", profile="default")
+        await bridge.store.flush()
+        assert "voxbridge_store_errors_total 2" in bridge.metrics_text()
+    finally:
+        await bridge.stop()
