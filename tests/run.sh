@@ -17,11 +17,20 @@ echo "==> installing voxbridge with test extras"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
 
-if [ "$(id -u)" = 0 ] && [ -z "${VOXBRIDGE_SKIP_E2E:-}" ]; then
+if [ "$(id -u)" != 0 ]; then
+  echo "==> WARNING: not running as root (uid $(id -u)): the e2e sandbox needs debootstrap, chroot and mount."
+  echo "    The e2e tests (real Asterisk 22, real n8n) will be SKIPPED, and the run ends with an"
+  echo "    'E2E SKIPPED: N test(s)' line listing them. For the whole suite: sudo bash tests/run.sh"
+  case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
+    ""|0|false) ;;
+    *) echo "    CI=${CI} is set: skipped e2e tests FAIL the run." ;;
+  esac
+elif [ -n "${VOXBRIDGE_SKIP_E2E:-}" ]; then
+  echo "==> VOXBRIDGE_SKIP_E2E is set: not preparing the sandbox here (the e2e tests still build it"
+  echo "    when they run; leave them out with: bash tests/run.sh -m 'not e2e')"
+else
   echo "==> preparing the real-Asterisk sandbox (cached after the first run)"
   bash tests/e2e/sandbox.sh asterisk
-else
-  echo "==> not root (or VOXBRIDGE_SKIP_E2E set): e2e tests will be skipped unless the sandbox exists"
 fi
 
 echo "==> running the tests"

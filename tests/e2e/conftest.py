@@ -27,6 +27,7 @@ if str(HERE) not in sys.path:  # so test modules can `import asterisk, ami_clien
     sys.path.insert(0, str(HERE))
 
 from ami_client import AmiClient  # noqa: E402
+from tests.conftest import ci_enabled  # noqa: E402
 from asterisk import AsteriskSandbox, ensure_proc, release_proc  # noqa: E402
 
 SANDBOX_SH = HERE / "sandbox.sh"
@@ -55,7 +56,7 @@ def free_port() -> int:
 
 def _unavailable(reason: str) -> None:
     msg = f"E2E SANDBOX UNAVAILABLE: {reason}"
-    if os.environ.get("CI"):
+    if ci_enabled():
         pytest.fail(msg + " (CI is set, so this is a failure, not a skip)", pytrace=False)
     pytest.skip(msg)
 

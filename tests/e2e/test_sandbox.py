@@ -328,10 +328,13 @@ async def test_peer_audio_reaches_caller_and_dialplan_continues(asterisk: Asteri
 
     assert local_half(returned, 1) and returned["Context"] == "voxbridge-ai"
     assert returned["Status"] == ""  # AUDIOSOCKETSTATUS does not exist in Asterisk 22.10
-    # Pacing of the peer itself: 60 frames over ~1.2 s, never bursting.
-    gaps = np.diff(s.send_times)
+    # Pacing of the peer itself: 60 frames over ~1.2 s, never ahead of real time. (A frame
+    # that woke late is followed by a short gap as the schedule catches up: that is pacing
+    # working, so the check is against each frame's own slot, not the smallest gap.)
+    sent = np.array(s.send_times) - s.send_times[0]
     assert s.sent_frames == len(out) // 320
-    assert gaps.min() > 0.010 and abs(np.sum(gaps) - 0.020 * (len(gaps))) < 0.1
+    assert np.all(sent >= np.arange(len(sent)) * 0.020 - 0.002)
+    assert abs(sent[-1] - 0.020 * (len(sent) - 1)) < 0.1
     loud = loud_seconds(pcm, 8000)
     assert 0.7 <= loud <= 1.3, f"caller heard {loud:.2f}s of tone, expected 1.0 s"
     assert abs(dominant_frequency(loud_part(pcm, 8000), 8000) - 440) < 10
