@@ -29,6 +29,7 @@ from tools.http import build_http_tools, make_client
 from .ami import AmiClient, AmiError
 from .channels import ChannelTracker
 from .config import Config, ConfigError, Fallback, is_loopback, parse_hostport
+from .egress import EgressPolicy
 from .events import EventBus
 from .gateway.aillomvox import AillomVoxGateway
 from .gateway.base import Gateway
@@ -94,8 +95,11 @@ class Bridge:
         self.channels = ChannelTracker()
         if config.ami.enabled:
             a = config.ami
+            # A bug the AMI loop survived (it logs the traceback and reconnects) still counts as a
+            # crash of the "ami" part in /metrics.
             self.ami = AmiClient(a.host, a.port, a.username, a.secret.get_secret_value() if a.secret else "",
-                                 action_timeout=a.action_timeout, ping_interval=a.ping_interval)
+                                 action_timeout=a.action_timeout, ping_interval=a.ping_interval,
+                                 on_fault=lambda exc: self.supervisor.crashes.update(["ami"]))
             self.channels.attach(self.ami)
         self.telephony = make_telephony(config, self.ami)
         self.http = make_client()
@@ -142,23 +146,31 @@ class Bridge:
             self._sim = GatewaySim(accepted_keys={DEMO_API_KEY})
             await self._sim.start("127.0.0.1", 0)
             self.gateway_url = self._sim.url
-            log.warning("no gateway.url configured: using the embedded reference gateway at %s (demo mode)",
-                        self.gateway_url)
+            # Loud either way: the demo answers callers with an echo, never with an AI. A config file
+            # cannot get here by accident (bridge/config.py requires gateway.url or gateway.demo).
+            log.warning("DEMO MODE: calls go to the embedded reference gateway at %s, an echo that never reaches "
+                        "an AI (%s); set gateway.url for a real gateway", self.gateway_url,
+                        "gateway.demo: true" if cfg.gateway.demo else "no gateway.url configured")
         api_host, api_port = parse_hostport(cfg.api.listen, "api.listen")
         if cfg.api.enabled and not is_loopback(api_host) and cfg.api.token is None:
             raise ConfigError(f"api.listen {cfg.api.listen} is not a loopback address: set api.token "
                               "(VOXBRIDGE_API_TOKEN) or listen on 127.0.0.1")
-        self.store = CallStore(cfg.store.path, cfg.store.redact_args)
+        self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
+                               supervisor=self.supervisor)
         await self.store.start()
         self.events.add_sink(self.store.record)
         # Webhooks get their own client: the tools' client carries tool-specific defaults.
         self._webhook_http = httpx.AsyncClient(follow_redirects=False, timeout=10.0)
         # 6 attempts, waits of 2+4+8+16+30 s: a subscriber down for about a minute misses nothing.
-        self.webhooks = WebhookDispatcher(self.store, self._webhook_http, max_attempts=6, backoff_base=2.0)
+        self.webhooks = WebhookDispatcher(self.store, self._webhook_http, max_attempts=6, backoff_base=2.0,
+                                          policy=EgressPolicy(cfg.allow.webhooks), max_webhooks=cfg.api.max_webhooks,
+                                          supervisor=self.supervisor)
         await self.webhooks.start()
         self.events.add_sink(self.webhooks.offer)
         if self.ami is not None:
-            await self.ami.start()  # connects (and reconnects) in the background
+            # Connects (and reconnects) in the background. The loop survives every failure of a
+            # connection by itself; the supervisor catches a bug in the loop's own machinery.
+            await self.ami.start(lambda run: self.supervisor.start("ami", run))
         host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
         self._server = await start_server(self, host, port, reuse_port=cfg.audiosocket.reuse_port)
         log.info("AudioSocket listening on %s:%d (max %d calls)", *self.audiosocket_address, cfg.audiosocket.max_calls)
@@ -291,6 +303,7 @@ class Bridge:
         return AillomVoxGateway(
             self.gateway_url, key, api_key_in_query=g.api_key_in_query, connect_timeout=g.connect_timeout,
             settle_ms=g.settle_ms if self._sim is None else 0, settle_buffer_ms=g.settle_buffer_ms,
+            keepalive_interval=g.keepalive_interval, keepalive_timeout=g.keepalive_timeout,
             call_id=session.call_id,
         )
 
@@ -307,14 +320,12 @@ class Bridge:
             if fallback.action == "dialplan":
                 await self.ami.action("Setvar", Channel=channel.name, Variable="VOXBRIDGE_RESULT", Value="fallback")
             elif fallback.action == "hangup":
-                session.note_handoff("fallback:hangup")
-                await self.ami.action("Hangup", Channel=channel.name, Cause=16)
+                with self.telephony.handoff(session, "fallback:hangup"):
+                    await self.telephony.hangup(session)
             elif fallback.action == "transfer":
-                session.note_handoff(f"fallback:transferred:{fallback.context},{fallback.exten}")
-                await self.ami.action("Redirect", Channel=channel.name, Context=fallback.context,
-                                      Exten=fallback.exten, Priority=1)
-        except AmiError as exc:
-            session.note_handoff(None)
+                with self.telephony.handoff(session, f"fallback:transferred:{fallback.context},{fallback.exten}"):
+                    await self.telephony.redirect(session, fallback.context, fallback.exten)
+        except (AmiError, ToolError) as exc:
             session.log.error("fallback %s failed: %s (returning to the dialplan)", fallback.action, exc)
 
 
@@ -368,12 +379,11 @@ class Bridge:
 
     async def hangup_call(self, session: CallSession, reason: str) -> None:
         if self.ami is not None and session.channel is not None and self.ami.connected.is_set():
-            session.note_handoff(reason)
             try:
-                await self.telephony.hangup(session)
+                with self.telephony.handoff(session, reason):
+                    await self.telephony.hangup(session)
                 return
             except ToolError as exc:
-                session.note_handoff(None)
                 session.log.warning("AMI hangup failed (%s): ending the AudioSocket session instead", exc)
         session.end(reason)
 
@@ -427,6 +437,20 @@ class Bridge:
         ]
         for part, n in sorted(self.supervisor.crashes.items()):
             lines.append(f'voxbridge_part_crashes_total{{part="{part}"}} {n}')
+        wh = self.webhooks.totals if self.webhooks is not None else {}
+        lines += [
+            "# HELP voxbridge_webhook_deliveries_total Webhook events delivered (answered 2xx).",
+            "# TYPE voxbridge_webhook_deliveries_total counter",
+            f"voxbridge_webhook_deliveries_total {wh.get('delivered', 0)}",
+            "# HELP voxbridge_webhook_failures_total Webhook events given up on (every attempt failed, or refused).",
+            "# TYPE voxbridge_webhook_failures_total counter", f"voxbridge_webhook_failures_total {wh.get('failed', 0)}",
+            "# HELP voxbridge_webhook_refused_total Webhook deliveries refused by allow.webhooks or the address checks.",
+            "# TYPE voxbridge_webhook_refused_total counter", f"voxbridge_webhook_refused_total {wh.get('refused', 0)}",
+            "# HELP voxbridge_webhook_events_dropped_total Webhook events dropped (a subscriber's queue full, "
+            "or queued for one that answered 410 Gone).",
+            "# TYPE voxbridge_webhook_events_dropped_total counter",
+            f"voxbridge_webhook_events_dropped_total {wh.get('dropped', 0)}",
+        ]
         lines += ["# HELP voxbridge_tool_calls_total Tool calls answered, by outcome.",
                   "# TYPE voxbridge_tool_calls_total counter"]
         for outcome, n in sorted((k[len("tool_"):], v) for k, v in m.items() if k.startswith("tool_")):

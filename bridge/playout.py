@@ -115,6 +115,13 @@ class PlayoutBuffer:
 
 
 class Sink(Protocol):
+    """What the clock serves: one call's output.
+
+    ``on_tick()`` sends exactly one frame. A sink may also define ``on_tick_failed(exc)``:
+    if ``on_tick`` raises, the clock removes the sink and calls it, so the call it belongs to
+    can end (rather than hold its caller in dead air with no frames going out).
+    """
+
     def on_tick(self) -> None: ...
 
 
@@ -126,8 +133,14 @@ class PlayoutClock:
     a sub-tick every 5 ms, each serving a quarter of the calls). Each call still hears one frame
     every 20 ms, on its own fixed phase; what changes is that the loop never stops for all
     calls' writes at once, so reading the callers' audio (uplink latency) and the ticks
-    themselves are not held up behind one long burst of work. A sink that raises is removed
-    and logged; the others carry on. The clock runs only while it has sinks.
+    themselves are not held up behind one long burst of work. The clock runs only while it
+    has sinks.
+
+    Nothing stops the clock while calls are on it (it serves every call in the process): a
+    sink that raises is removed, logged and told (``on_tick_failed``), the others carry on;
+    an exception in the clock's own bookkeeping is logged and counted (``tick_errors``) and
+    the next sub-tick is still scheduled, one step on, so a persistent fault cannot make it
+    spin either.
     """
 
     def __init__(self, period: float = FRAME_S, clock: Callable[[], float] | None = None, phases: int = 4) -> None:
@@ -144,6 +157,7 @@ class PlayoutClock:
         self.late_ticks = 0  # sub-ticks that fired a whole period or more after they were due
         self.skipped_ticks = 0
         self.max_lateness = 0.0
+        self.tick_errors = 0  # sub-ticks whose bookkeeping raised (logged; the clock carried on)
         # Per sub-tick, in 0.1 ms buckets (the last one is "100 ms or more"): how late it fired
         # on the monotonic clock, and how long serving its sinks took. One increment per
         # sub-tick, not per call; the load benchmark reads the percentiles from stats().
@@ -183,39 +197,74 @@ class PlayoutClock:
             self._handle = None
 
     def _tick(self) -> None:
+        # The hot path: one call per sub-tick (4 × 50 per second), serving a quarter of the
+        # calls. The try/finally costs nothing until something raises; the per-sink try is the
+        # only per-call overhead.
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        lateness = now - self._next
-        if lateness > self.max_lateness:
-            self.max_lateness = lateness
-        self.ticks += 1
-        t0 = time.monotonic()
-        self.lateness_hist[min(max(int((t0 - self._next) * 10_000), 0), _HIST_BUCKETS)] += 1
-        group = self._groups[self._cur]
-        for key, sink in list(group.items()):
-            try:
-                sink.on_tick()
-            except Exception:  # noqa: BLE001 - one broken call must not silence the others
-                log.exception("playout sink failed; removing it")
-                group.pop(key, None)
-                self._group_of.pop(key, None)
-        self.cost_hist[min(int((time.monotonic() - t0) * 10_000), _HIST_BUCKETS)] += 1
-        self._cur = (self._cur + 1) % self.phases
-        self._next += self._step
-        if lateness >= self.period:
-            # Held up by a whole period or more: skip what was missed (each group keeps its
-            # phase), never replay it.
-            self.late_ticks += 1
-            missed = int((loop.time() - self._next) // self._step) + 1
-            if missed > 0:
+        lateness = 0.0
+        try:
+            lateness = now - self._next
+            if lateness > self.max_lateness:
+                self.max_lateness = lateness
+            self.ticks += 1
+            t0 = time.monotonic()
+            self.lateness_hist[min(max(int((t0 - self._next) * 10_000), 0), _HIST_BUCKETS)] += 1
+            # Serve the group due now and every other group whose sub-tick has passed too (the
+            # loop was held up): a stall then delays each call once, rather than once per group
+            # still queued behind it. No group is served twice in one pass, so nobody bursts.
+            for _ in range(self.phases):
+                group = self._groups[self._cur]
+                for key, sink in list(group.items()):
+                    try:
+                        sink.on_tick()
+                    except Exception as exc:  # noqa: BLE001 - one broken call must not silence the others
+                        group.pop(key, None)
+                        self._group_of.pop(key, None)
+                        self._sink_failed(sink, exc)
+                self._cur = (self._cur + 1) % self.phases
+                self._next += self._step
+                if self._next > now:
+                    break
+            self.cost_hist[min(int((time.monotonic() - t0) * 10_000), _HIST_BUCKETS)] += 1
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop every call's audio
+            self._tick_failed(exc)
+        finally:
+            # Always move on and reschedule: a clock that is not rescheduled is silence (and,
+            # once the gateway's audio piles up, a dropped call) for every call in the process.
+            if lateness >= self.period:
+                self.late_ticks += 1
+            if self._next <= now:
+                # Held up by a whole period or more (or the bookkeeping failed before moving
+                # on): skip what was missed, each group keeping its phase; never replay it.
+                missed = int((now - self._next) // self._step) + 1
                 self.skipped_ticks += missed
                 self._next += missed * self._step
                 self._cur = (self._cur + missed) % self.phases
-        if self._group_of:
-            self._handle = loop.call_at(self._next, self._tick)
-        else:
-            self._handle = None
+            if self._group_of:
+                self._handle = loop.call_at(self._next, self._tick)
+            else:
+                self._handle = None
+
+    @staticmethod
+    def _sink_failed(sink: Sink, exc: Exception) -> None:
+        """A sink raised in ``on_tick`` (it is already removed): log it and tell its owner."""
+        log.error("playout sink %r failed; removing it", sink, exc_info=exc)
+        hook = getattr(sink, "on_tick_failed", None)
+        if hook is not None:
+            try:
+                hook(exc)
+            except Exception:  # noqa: BLE001 - its call is broken twice over; the clock is not
+                log.exception("playout sink %r: on_tick_failed raised too", sink)
+
+    def _tick_failed(self, exc: Exception) -> None:
+        # Rate-limited: a fault that repeats would otherwise log 200 tracebacks a second.
+        self.tick_errors += 1
+        n = self.tick_errors
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th … occurrence
+            log.error("playout clock bookkeeping failed (%d time(s) so far); the clock carries on", n,
+                      exc_info=exc)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -224,6 +273,7 @@ class PlayoutClock:
             "ticks": self.ticks,
             "late_ticks": self.late_ticks,
             "skipped_ticks": self.skipped_ticks,
+            "tick_errors": self.tick_errors,
             "max_lateness_ms": round(self.max_lateness * 1000, 3),
             "lateness_p50_ms": _hist_pct(self.lateness_hist, 50),
             "lateness_p99_ms": _hist_pct(self.lateness_hist, 99),

@@ -156,11 +156,13 @@ class AudioSocketConnection(asyncio.Protocol):
 
     def hangup(self) -> None:
         """Send 0x00 (the dialplan continues at the next priority) and close."""
+        self.closed = True
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(_HANGUP)
-            t.close()
-        self.closed = True
+            try:
+                t.write(_HANGUP)
+            finally:
+                t.close()  # whatever the write did: the caller's leg must not stay open
 
     def abort(self) -> None:
         self.closed = True

@@ -56,6 +56,8 @@ SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
 #: How long tools still running may take to answer after the call was handed to Asterisk.
 HANDOFF_GRACE_S = 2.0
+#: Longest the downlink handles gateway messages without giving the event loop a turn.
+DOWNLINK_SLICE_S = 0.004
 #: Gateway error messages that mean "the call is over" rather than "the gateway failed".
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
 
@@ -110,6 +112,9 @@ class CallSession(CallControl):
         self.stats = collections.Counter()
         self.answered = False
 
+    def __repr__(self) -> str:
+        return f"<CallSession {self.call_id}>"
+
     # ------------------------------------------------------------------ CallControl
 
     @property
@@ -150,12 +155,24 @@ class CallSession(CallControl):
         """
         if self.end_reason is not None or self._ending_after_speech and after_speech:
             return
-        if after_speech:
-            self._ending_after_speech = True
-            self.spawn(self._end_after_speech(reason, tail), "end-after-speech")
-            return
-        self.end_reason = reason
-        self._finisher = asyncio.create_task(self._finish(), name=f"call-finish-{self.call_id}")
+        # Never raises: it is called from protocol callbacks, the clock, done-callbacks and
+        # tools, none of which can do anything useful with an exception from here.
+        try:
+            loop = asyncio.get_running_loop()  # before any coroutine is created: none is left unawaited
+            if after_speech:
+                self._ending_after_speech = True
+                self.spawn(self._end_after_speech(reason, tail), "end-after-speech")
+                return
+            self.end_reason = reason
+            self._finisher = loop.create_task(self._finish(), name=f"call-finish-{self.call_id}")
+            # _finish does not raise by design; if it ever does, the supervisor logs it with its
+            # traceback and counts it (never "Task exception was never retrieved"), and the call
+            # is released anyway.
+            self.bridge.supervisor.watch(self._finisher, "call-teardown", self._teardown_crashed)
+        except Exception:  # noqa: BLE001 - e.g. no running loop: tear down what can be without one
+            self.log.exception("cannot schedule the end of the call (%s): releasing it at once", reason)
+            self.end_reason = self.end_reason or reason
+            self._release_now()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -209,14 +226,15 @@ class CallSession(CallControl):
         self.router = ToolRouter(
             bridge.tools, self, gateway.send_tool_result,
             allowed=list(profile.tools) + [a.tool for a in profile.dtmf.values()],
-            deadline=bridge.config.tool_deadline,
+            deadline=bridge.config.tool_deadline, max_concurrent=bridge.config.tool_concurrency,
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
         try:
             await gateway.connect(setup)
         except GatewayError as exc:
             self.log.error("%s", exc)
-            await gateway.close()
+            # A close that fails must not cost the caller the fallback.
+            await self._guard_async("closing the gateway connection", gateway.close, timeout=3)
             await self._fallback(str(exc))
             return
         except asyncio.CancelledError:
@@ -299,8 +317,27 @@ class CallSession(CallControl):
         else:
             self.stats["frames_out_dropped"] += 1
 
+    def on_tick_failed(self, exc: BaseException) -> None:
+        """The clock dropped this call because ``on_tick`` raised (it logged the traceback).
+
+        Without frames the caller would sit in dead air until they gave up: end the call, so
+        the caller gets 0x00 and the dialplan continues (to a human, typically).
+        """
+        self.stats["playout_failures"] += 1
+        self.log.error("playout failed (%r): ending the call", exc)
+        self.end("internal-error")
+
     async def _downlink(self, gateway: Gateway) -> None:
+        # A WebSocket hands over messages it has already buffered without suspending, so a
+        # gateway that floods (1500 tool calls in one burst) would hold the event loop — and
+        # every call's playout — for as long as it takes to handle them all. Give the loop a
+        # turn whenever this call has had it for DOWNLINK_SLICE_S.
+        loop = asyncio.get_running_loop()
+        slice_end = loop.time() + DOWNLINK_SLICE_S
         async for event in gateway.events():
+            if loop.time() >= slice_end:
+                await asyncio.sleep(0)
+                slice_end = loop.time() + DOWNLINK_SLICE_S
             if isinstance(event, AudioOut):
                 pcm = self._down.process(event.pcm) if self._down is not None else event.pcm
                 self.playout.push(pcm)
@@ -415,9 +452,32 @@ class CallSession(CallControl):
     # ------------------------------------------------------------------ teardown
 
     async def _finish(self) -> None:
-        reason = self.end_reason
+        """Tear the call down: every step runs whatever the others did.
+
+        A step that raises (a gateway adapter's ``hangup``, the router, the connection…) is
+        logged with its traceback and the rest still runs. Whatever happens, the call is
+        deregistered (it stops counting against ``audiosocket.max_calls``), ``call.ended`` is
+        published and :attr:`ended` is set: a session stuck half-torn-down would hold a call
+        slot and anyone waiting on it (shutdown, the API) for the life of the process.
+        """
+        reason = self.end_reason or "internal-error"
+        try:
+            await self._teardown(reason)
+        finally:
+            # 0x00 ends the AudioSocket() app cleanly and the dialplan continues at the next
+            # priority; if even that fails, the connection is dropped (Asterisk then continues too).
+            if not self._guard("sending the caller the hangup frame", self.conn.hangup):
+                self._guard("closing the caller's connection", self.conn.abort)
+            duration = time.monotonic() - self._t0
+            self._guard("deregistering the call", self.bridge.session_ended, self)
+            self._guard("publishing call.ended", self._publish_ended, reason, duration)
+            self.ended.set()
+            self.log.info("call ended: %s after %.1f s (in %d / out %d frames)", reason, duration,
+                          self.stats["frames_in"], self.stats["frames_out"])
+
+    async def _teardown(self, reason: str) -> None:
         self.log.info("call ending: %s", reason)
-        self.bridge.clock.remove(self)
+        self._guard("removing the call from the playout clock", self.bridge.clock.remove, self)
         if self._timer is not None:
             self._timer.cancel()
         me = asyncio.current_task()
@@ -426,35 +486,67 @@ class CallSession(CallControl):
             # Ended by a handoff a tool started (transfer, AMI hangup): give that tool a moment
             # to report what Asterisk answered, rather than "the call has ended".
             handed_off = self._handoff is not None and reason == self._handoff
-            await self.router.aclose(answer_pending=gateway_alive, grace=HANDOFF_GRACE_S if handed_off else 0.0)
+            router = self.router
+            await self._guard_async("closing the tool router", lambda: router.aclose(
+                answer_pending=gateway_alive, grace=HANDOFF_GRACE_S if handed_off else 0.0))
         owned = [t for t in self._tasks if t is not me]
         for t in owned:
             t.cancel()
         if owned:
             await asyncio.gather(*owned, return_exceptions=True)
         if self.gateway is not None:
-            try:
-                async with asyncio.timeout(3):
-                    if gateway_alive:
-                        await self.gateway.hangup()
-                    else:
-                        await self.gateway.close()
-            except TimeoutError:
-                self.log.warning("gateway did not close within 3 s")
-        # 0x00 ends the AudioSocket() app cleanly and the dialplan continues at the next priority.
-        self.conn.hangup()
-        duration = time.monotonic() - self._t0
-        self.bridge.session_ended(self)
+            gateway = self.gateway
+            closed = False
+            if gateway_alive:
+                closed = await self._guard_async("hanging up the gateway", gateway.hangup, timeout=3)
+            if not closed:  # not alive, or the hangup failed: at least release the connection
+                await self._guard_async("closing the gateway connection", gateway.close, timeout=3)
+
+    def _guard(self, step: str, fn: Any, *args: Any) -> bool:
+        """Run one synchronous teardown step; log (with traceback) rather than raise. True if it ran."""
+        try:
+            fn(*args)
+            return True
+        except Exception:  # noqa: BLE001 - one broken step must not leave the call half torn down
+            self.log.exception("teardown: %s failed", step)
+            self.stats["teardown_errors"] += 1
+            return False
+
+    async def _guard_async(self, step: str, fn: Any, timeout: float | None = None) -> bool:
+        """Await ``fn()`` (within ``timeout``); log rather than raise. True if it completed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await fn()
+            return True
+        except TimeoutError:
+            self.log.warning("teardown: %s did not finish within %g s", step, timeout)
+        except Exception:  # noqa: BLE001 - see _guard
+            self.log.exception("teardown: %s failed", step)
+            self.stats["teardown_errors"] += 1
+        return False
+
+    def _publish_ended(self, reason: str, duration: float) -> None:
+        gateway_stats: dict[str, int] = {}
+        if self.gateway is not None:
+            self._guard("reading the gateway's counters", lambda: gateway_stats.update(self.gateway.stats))
         self._publish(
             "call.ended", self.call_id, reason=reason, duration_s=round(duration, 3),
             transcript=list(self.transcript),
             tools=[{"tool": o.name, "outcome": o.outcome, "duration_ms": round(o.duration_ms, 1)}
                    for o in (self.router.outcomes if self.router else [])],
             metadata=dict(self.metadata), profile=self.profile_name,
-            stats={**self.stats, **(self.gateway.stats if self.gateway else {})},
+            stats={**self.stats, **gateway_stats},
         )
-        self.log.info("call ended: %s after %.1f s (in %d / out %d frames)", reason, duration,
-                      self.stats["frames_in"], self.stats["frames_out"])
+
+    def _teardown_crashed(self, exc: BaseException) -> None:
+        if not self.ended.is_set():
+            self._release_now()
+
+    def _release_now(self) -> None:
+        """Last resort, synchronous: stop the frames, drop the caller, free the slot, signal the end."""
+        self._guard("removing the call from the playout clock", self.bridge.clock.remove, self)
+        self._guard("closing the caller's connection", self.conn.abort)
+        self._guard("deregistering the call", self.bridge.session_ended, self)
         self.ended.set()
 
     def info(self) -> dict[str, Any]:

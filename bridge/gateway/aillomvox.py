@@ -11,6 +11,14 @@ Wire protocol (docs/PROTOCOL.md of the gateway, restated in shared/reference/gat
 The gateway mentions "~500 ms stabilisation" after config but sends no ready event, so caller
 audio is held (bounded) for ``settle_ms`` and then released in order, one message per frame.
 
+A gateway that stops answering without closing (a half-open TCP connection: a crashed host, a
+NAT or firewall that forgot the flow) sends nothing, so nothing fails by itself. The adapter
+pings every ``keepalive_interval`` seconds; a ping unanswered for ``keepalive_timeout`` seconds
+fails the connection and :meth:`AillomVoxGateway.events` reports an unclean :class:`Closed`,
+on which the session plays its fallback. Worst case from the last sign of life to the fallback:
+``keepalive_interval + keepalive_timeout + CLOSE_TIMEOUT_S`` (the last is how long websockets
+waits for the dead peer to finish the closing handshake before dropping the TCP connection).
+
 Parsing is split from I/O: :func:`parse_server_message` is pure (text in, event or ``None`` out)
 and is what the unit tests exercise.
 """
@@ -51,6 +59,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Caller frames are written straight to the socket while less than this waits in the transport;
 #: above it they go through the queue and the sender task, which waits for the socket to drain.
 DIRECT_WRITE_LIMIT = 64 * 1024
+#: How long a close waits for the gateway's half of the closing handshake before dropping TCP.
+CLOSE_TIMEOUT_S = 2.0
 
 
 def build_config(setup: SessionSetup, api_key: str) -> dict[str, Any]:
@@ -147,8 +157,15 @@ class AillomVoxGateway(Gateway):
         connect_timeout: float = 5.0,
         settle_ms: int = 500,
         settle_buffer_ms: int = 2000,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 10.0,
         call_id: str = "",
     ) -> None:
+        for name, value in (("keepalive_interval", keepalive_interval), ("keepalive_timeout", keepalive_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
         self._url = url
         self._api_key = api_key
         self._api_key_in_query = api_key_in_query
@@ -187,9 +204,9 @@ class AillomVoxGateway(Gateway):
                 open_timeout=self._connect_timeout,
                 max_size=MAX_MESSAGE_BYTES,
                 compression=None,  # PCM does not compress; deflate would only cost CPU
-                ping_interval=20,
-                ping_timeout=20,
-                close_timeout=2,
+                ping_interval=self._keepalive_interval,
+                ping_timeout=self._keepalive_timeout,
+                close_timeout=CLOSE_TIMEOUT_S,
                 user_agent_header="voxbridge",
             )
         except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
@@ -287,8 +304,12 @@ class AillomVoxGateway(Gateway):
         if ws is None:
             yield Closed(None, "never connected", clean=False)
             return
+        # recv() rather than ``async for``: iteration swallows the ConnectionClosed whose public
+        # ``rcvd``/``sent`` close frames say how the connection ended (the asyncio connection
+        # itself has no such attributes).
         try:
-            async for message in ws:
+            while True:
+                message = await ws.recv()
                 if isinstance(message, bytes):
                     if len(message) % 2:
                         self._log.warning("gateway sent odd-length audio (%d bytes); last byte dropped", len(message))
@@ -302,11 +323,15 @@ class AillomVoxGateway(Gateway):
                     yield parse_server_message(message)
                 except ParseProblem as exc:
                     self._log.warning("ignored gateway message: %s", exc)
-        except websockets.exceptions.ConnectionClosed:
-            pass
-        rcvd = ws.close_rcvd
+        except websockets.exceptions.ConnectionClosed as exc:
+            rcvd, sent = exc.rcvd, exc.sent
         code = rcvd.code if rcvd is not None else None
-        reason = rcvd.reason if rcvd is not None else "connection lost"
+        if rcvd is not None:
+            reason = rcvd.reason
+        else:
+            # Nothing came from the gateway: say what our side saw (e.g. "keepalive ping timeout"
+            # when it stopped answering pings), for the operator reading the log.
+            reason = f"connection lost ({sent.reason})" if sent is not None and sent.reason else "connection lost"
         yield Closed(code, reason, clean=code in (1000, 1001))
 
     async def close(self) -> None:

@@ -207,3 +207,119 @@ async def test_calls_are_spread_over_phases_each_still_once_per_period():
         assert gaps.min() > 0.010  # never two in a burst
     firsts = sorted({round((times[i][5] - times[0][5]) % 0.020 * 1000) % 20 for i in range(8)})
     assert len(firsts) == 4  # four distinct phases, a quarter period apart
+
+
+async def test_a_failing_sink_is_told_so_its_call_can_end():
+    """The clock removes a sink that raises and calls its ``on_tick_failed`` with the exception."""
+    clock = PlayoutClock()
+    told: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    class Bad:
+        def on_tick(self) -> None:
+            raise RuntimeError("write failed")
+
+        def on_tick_failed(self, exc: BaseException) -> None:
+            told.set_result(exc)
+
+    clock.add(Bad())
+    exc = await asyncio.wait_for(told, 2)
+    assert isinstance(exc, RuntimeError) and str(exc) == "write failed"
+    assert len(clock) == 0 and clock._handle is None  # removed; nothing left to serve
+
+
+async def test_a_failing_hook_does_not_stop_the_clock():
+    clock = PlayoutClock()
+    got = asyncio.Event()
+
+    class Worse:
+        def on_tick(self) -> None:
+            raise RuntimeError("boom")
+
+        def on_tick_failed(self, exc: BaseException) -> None:
+            raise RuntimeError("and again")
+
+    class Good:
+        n = 0
+
+        def on_tick(self) -> None:
+            self.n += 1
+            if self.n == 5:
+                got.set()
+
+    good = Good()
+    clock.add(Worse())
+    clock.add(good)
+    await asyncio.wait_for(got.wait(), 2)
+    assert len(clock) == 1
+    clock.remove(good)
+
+
+class _FailingCounts(list):
+    """A histogram whose updates raise ``failures`` times: a bug in the clock's own bookkeeping."""
+
+    def __init__(self, size: int, failures: int) -> None:
+        super().__init__([0] * size)
+        self.failures = failures
+
+    def __setitem__(self, i, v) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise IndexError("injected bookkeeping fault")
+        super().__setitem__(i, v)
+
+
+async def test_the_clock_survives_a_fault_in_its_own_bookkeeping():
+    loop = asyncio.get_running_loop()
+    clock = PlayoutClock()
+    times: list[float] = []
+    done = asyncio.Event()
+
+    class Sink:
+        def on_tick(self) -> None:
+            times.append(loop.time())
+            if len(times) == 20:
+                done.set()
+
+    sink = Sink()
+    clock.add(sink)
+    clock.lateness_hist = _FailingCounts(len(clock.lateness_hist), failures=3)
+    await asyncio.wait_for(done.wait(), 3)  # the old clock stopped for good at the first fault
+    clock.remove(sink)
+    assert clock.tick_errors == 3 and clock.stats()["tick_errors"] == 3
+    # The faulty sub-ticks were the sink's: those frames were lost, the schedule was not.
+    assert abs((times[-1] - times[0]) - 19 * 0.02) < 0.05
+    assert min(np.diff(times)) > 0.005
+
+
+async def test_a_persistent_bookkeeping_fault_neither_stops_nor_spins_the_clock():
+    """Every sub-tick fails: the clock still fires on schedule (not in a tight loop), and logs
+    a bounded number of tracebacks."""
+    import logging
+
+    clock = PlayoutClock()
+
+    class Sink:
+        def on_tick(self) -> None:
+            pass
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("voxbridge.playout")
+    logger.addHandler(handler)
+    try:
+        sink = Sink()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        clock.add(sink)
+        clock.cost_hist = _FailingCounts(len(clock.cost_hist), failures=10**9)
+        await asyncio.sleep(0.5)  # a measuring window, not synchronisation
+        clock.remove(sink)
+        scheduled = (loop.time() - t0) / clock._step  # sub-ticks due in the window (4 per 20 ms)
+    finally:
+        logger.removeHandler(handler)
+    # On schedule: about one per 5 ms. A clock rescheduled "now" would do thousands.
+    assert scheduled * 0.5 <= clock.tick_errors <= scheduled + 2
+    assert clock.ticks == clock.tick_errors
+    tracebacks = [r for r in records if r.exc_info]
+    assert 1 <= len(tracebacks) <= 8  # 1st, 2nd, 4th, 8th …, not one per sub-tick
