@@ -5,16 +5,22 @@
     voxbridge gateway-sim [--listen HOST:PORT] [--api-key KEY] [--scenario FILE]
     voxbridge check-config FILE
     voxbridge bench [--calls 50,100,…] [--duration S] [--workers W] [--out DIR]
+
+``serve`` and ``check-config`` are the service; ``dial``, ``gateway-sim`` and ``bench`` are the dev
+tools of :mod:`bridge.devtools`, whose modules (and their options) are loaded only when their own
+command runs, so the service's process never carries them (demo mode aside: see bridge/app.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 from . import __version__
 from .config import ConfigError, load_config, parse_hostport
@@ -109,7 +115,29 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The dev tools on the command line (see :mod:`bridge.devtools`): command -> (one-line help, module).
+#: Each module provides ``add_arguments(parser)``; it is imported only when its own command is
+#: parsed, so ``serve`` and ``check-config`` never load the simulator, the caller or the bench.
+DEVTOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "dial": ("place a test call over AudioSocket, like Asterisk would", "bridge.devtools.dial"),
+    "gateway-sim": ("run the reference AI gateway (protocol simulator)", "bridge.devtools.gateway_sim"),
+    "bench": ("load benchmark: N simulated calls through the bridge, vs a bare relay", "bridge.devtools.bench"),
+}
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, found before parsing: the first word that is not an option
+    (the top-level parser has only ``--help`` and ``--version``, which take no value). Anything
+    that is not a command is left for argparse to reject."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``voxbridge`` parser. Every command is listed with its help; a dev tool's options are
+    added only for ``command`` (the one being parsed), which imports that tool's module."""
     p = argparse.ArgumentParser(prog="voxbridge", description="Asterisk AudioSocket ⇄ AI voice gateway bridge")
     p.add_argument("--version", action="version", version=f"voxbridge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,36 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("file")
 
-    from . import dial
-    d = sub.add_parser("dial", help="place a test call over AudioSocket, like Asterisk would")
-    dial.add_arguments(d)
-
-    from .gateway import sim
-    g = sub.add_parser("gateway-sim", help="run the reference AI gateway (protocol simulator)")
-    sim.add_arguments(g)
-
-    from . import bench
-    b = sub.add_parser("bench", help="load benchmark: N simulated calls through the bridge, vs a bare relay")
-    bench.add_arguments(b)
+    for name, (help_text, module) in DEVTOOL_COMMANDS.items():
+        tool = sub.add_parser(name, help=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(tool)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         if args.command == "check-config":
             return _check_config(args)
         if args.command == "serve":
             return _run(_serve(args))
         if args.command == "dial":
-            from .dial import run_dial
+            from .devtools.dial import run_dial
             return _run(run_dial(args))
         if args.command == "gateway-sim":
-            from .gateway.sim import run_from_args  # --listen is parsed to (host, port), keys to api_keys
+            from .devtools.gateway_sim import run_from_args  # --listen is parsed to (host, port), keys to api_keys
             setup_logging("INFO")
             return _run(run_from_args(args)) or 0
         if args.command == "bench":
-            from .bench import run_bench
+            from .devtools.bench import run_bench
             return _run(run_bench(args))
     except ConfigError as exc:
         print(f"voxbridge: {exc}", file=sys.stderr)
@@ -170,8 +192,8 @@ def _run(coro) -> int:
         try:
             import uvloop
         except ImportError:
-            uvloop = None
-        if uvloop is not None:
+            pass
+        else:
             return uvloop.run(coro) or 0
     try:
         return asyncio.run(coro) or 0

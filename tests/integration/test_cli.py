@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from bridge.dial import AudioSocketCaller
+from bridge.devtools.dial import AudioSocketCaller
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +47,7 @@ def serve():
 
 
 def test_demo_serve_and_dial(serve):
-    proc, port = serve
+    _proc, port = serve
     res = subprocess.run(voxbridge("dial", "--to", f"127.0.0.1:{port}", "--duration", "5"),
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -108,7 +109,7 @@ def test_unwritable_store_is_reported_not_traced(tmp_path):
 
 
 async def test_serve_with_a_gateway_url_takes_the_key_from_the_environment():
-    from bridge.gateway.sim import GatewaySim
+    from bridge.devtools.gateway_sim import GatewaySim
 
     async with GatewaySim(accepted_keys={"av_env_key_0123"}) as sim:
         port = free_port()
@@ -174,3 +175,97 @@ async def test_serve_gateway_url_option_satisfies_a_file_without_one(tmp_path):
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     err = (await proc.stderr.read()).decode()
     assert "DEMO MODE" not in err and "Traceback" not in err
+
+
+# ------------------------------------------------------- the service without its dev tools
+#
+# bridge/devtools (the reference gateway, the test caller, the bench) ships with the service but
+# is loaded only by the commands that use it; bridge/cli.py adds a tool's options only when its
+# command is parsed. These run the real entry point, bridge.cli.main, in a fresh interpreter that
+# prints every module it loaded once main returns: sys.modules sees imports of any kind
+# (``python -X importtime`` misses importlib.import_module, which bridge/cli.py uses).
+
+def main_then_modules(*argv: str) -> list[str]:
+    """A ``python -c`` command line: run ``bridge.cli.main(argv)``, then print ``MODULES`` and the
+    JSON list of loaded modules on stdout, and exit with main's code."""
+    code = ("import json, sys\n"
+            "from bridge.cli import main\n"
+            "try:\n"
+            f"    rc = main({list(argv)!r})\n"
+            "except SystemExit as exc:\n"
+            "    rc = exc.code\n"
+            "print('MODULES ' + json.dumps(sorted(sys.modules)), flush=True)\n"
+            "sys.exit(rc)\n")
+    return [sys.executable, "-c", code]
+
+
+def modules_printed(stdout: str) -> tuple[list[str], str]:
+    """(the modules :func:`main_then_modules` printed, the command's own output before them)."""
+    head, _, modules = stdout.rpartition("MODULES ")
+    assert modules, stdout
+    return json.loads(modules), head
+
+
+def devtools_loaded(modules: list[str]) -> list[str]:
+    return sorted(m for m in modules if m == "bridge.devtools" or m.startswith("bridge.devtools."))
+
+
+def run_main(*argv: str, env: dict[str, str] | None = None) -> tuple[int, list[str], str]:
+    """(exit code, every module loaded, stdout + stderr) of ``bridge.cli.main(argv)``."""
+    res = subprocess.run(main_then_modules(*argv), capture_output=True, text=True, timeout=30,
+                         env=env if env is not None else clean_env())
+    modules, out = modules_printed(res.stdout)
+    return res.returncode, modules, out + res.stderr
+
+
+def test_check_config_with_a_gateway_url_loads_no_dev_tool(tmp_path):
+    cfg = tmp_path / "prod.yaml"
+    cfg.write_text("gateway: {url: 'ws://127.0.0.1:9/ws'}\napi: {enabled: false}\n")
+    rc, modules, out = run_main("check-config", str(cfg), env=clean_env(VOXBRIDGE_GATEWAY_API_KEY="av_test"))
+    assert rc == 0 and "OK" in out, out
+    assert "bridge.app" in modules  # check-config builds the tools, as serve does
+    assert devtools_loaded(modules) == []
+
+
+def test_help_lists_every_command_and_loads_no_dev_tool():
+    rc, modules, out = run_main("--help")
+    assert rc == 0, out
+    for command in ("serve", "check-config", "dial", "gateway-sim", "bench"):
+        assert f"\n    {command} " in out, out  # listed with its one-line help
+    assert "place a test call" in out and "reference AI gateway" in out and "load benchmark" in out
+    assert devtools_loaded(modules) == []
+
+
+@pytest.mark.parametrize(("command", "option", "module"), [
+    ("dial", "--record", "bridge.devtools.dial"),
+    ("gateway-sim", "--scenario", "bridge.devtools.gateway_sim"),
+    ("bench", "--keep-going", "bridge.devtools.bench"),
+])
+def test_a_dev_tool_command_loads_only_its_own_tool(command, option, module):
+    rc, modules, out = run_main(command, "--help")
+    assert rc == 0, out
+    assert f"usage: voxbridge {command}" in out and option in out  # its full options
+    assert devtools_loaded(modules) == ["bridge.devtools", module]
+
+
+async def test_serve_with_a_gateway_url_loads_no_dev_tool(tmp_path):
+    """From start to exit (SIGTERM once ready), `serve` with a gateway URL loads nothing from
+    bridge.devtools. (In demo mode bridge/app.py loads the reference gateway, by design.)"""
+    cfg = tmp_path / "prod.yaml"
+    port = free_port()
+    cfg.write_text(f"api: {{enabled: false}}\naudiosocket: {{listen: '127.0.0.1:{port}'}}\n")
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *main_then_modules("serve", "--config", str(cfg), "--gateway-url", "ws://127.0.0.1:9/ws"),
+            stdout=asyncio.subprocess.PIPE, stderr=err, env=clean_env(VOXBRIDGE_GATEWAY_API_KEY="av_test"))
+        try:
+            ready = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert f"ready: AudioSocket on 127.0.0.1:{port}" in ready, log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0, log.read_text()
+    modules, _ = modules_printed(rest.decode())
+    assert {"bridge.app", "bridge.server", "bridge.gateway.aillomvox"} <= set(modules)  # it did serve
+    assert devtools_loaded(modules) == []

@@ -2,9 +2,9 @@
 
 The real gateway (``wss://vox.aillom.com/ws``) is a paid service that cannot be reached from CI, so
 this module is "the stranger" the bridge is tested against, and also the bridge's zero-config demo
-upstream. It is written from the protocol documents (``docs/PROTOCOL.md`` of the AillomVox package
-and ``shared/reference/gateway-protocol.md``), never from the bridge's code, and it imports nothing
-from the bridge.
+upstream. It is written from the AillomVox protocol documents (published with the gateway, not part
+of this repository; the protocol as implemented is spelled out below), never from the bridge's code,
+and it imports nothing from the bridge.
 
 Protocol as implemented
 =======================
@@ -165,8 +165,9 @@ Bench echo mode (opt-in, default off; ``GatewaySim(bench_echo=True)`` / ``--benc
     round trip (tool_call sent to tool_result received) in the next echoed frame.
 
 CLI
-    ``add_arguments(parser)`` and ``run_gateway_sim(...)`` (see below); ``python -m
-    bridge.gateway.sim --listen 127.0.0.1:8765`` also works stand-alone. Logs go to the
+    ``add_arguments(parser)`` and ``run_gateway_sim(...)`` (see below), wired as ``voxbridge
+    gateway-sim`` by :mod:`bridge.cli`; ``python -m bridge.devtools.gateway_sim --listen
+    127.0.0.1:8765`` also works stand-alone (the benchmark starts it that way). Logs go to the
     ``voxbridge.gateway_sim`` logger, one line per session start and end; API keys are never
     logged.
 
@@ -182,6 +183,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import hmac
 import itertools
 import json
@@ -823,7 +825,7 @@ class SimSession:
         await self._wait_for(lambda: self.audio_bytes_total >= min_bytes, timeout, f"{min_bytes} audio bytes")
         return bytes(self.audio)
 
-    async def wait_message(self, type: str, timeout: float = 5) -> dict[str, Any]:  # noqa: A002
+    async def wait_message(self, type: str, timeout: float = 5) -> dict[str, Any]:
         """Return the next received message of ``type`` not returned by an earlier call
         (messages received before the call count)."""
         queue = self._unconsumed[type]
@@ -835,6 +837,9 @@ class SimSession:
         await self._wait_for(lambda: self._events[event] >= count, timeout, f"event {event!r}")
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def _event_count_reached(self, event: str, count: int) -> bool:
+        return self._events[event] >= count
 
     async def _wait_for(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> None:
         async with asyncio.timeout(timeout):
@@ -981,7 +986,7 @@ class SimSession:
             _BENCH_F64.pack_into(buf, 56, self._bench_tool_rtt)
             self._bench_clear_at = self._bench_tool_rtt = 0.0
             _BENCH_F64.pack_into(buf, 40, time.monotonic())
-            data = buf
+            data = bytes(buf)
         self._bench_send(data)
 
     def _bench_send(self, data: bytes | bytearray) -> None:
@@ -1202,7 +1207,7 @@ class SimSession:
                 # events are consumed in order, so one that happened early is not lost.
                 nth = consumed[step.on] = consumed[step.on] + 1
                 await self._wait_for(
-                    lambda ev=step.on, n=nth: self._events[ev] >= n, None, f"event {step.on!r}"
+                    functools.partial(self._event_count_reached, step.on, nth), None, f"event {step.on!r}"
                 )
             if step.after_ms:
                 await asyncio.sleep(step.after_ms / 1000)
@@ -1349,7 +1354,7 @@ class GatewaySim:
             return bool(key)
         given = key.encode()
         # Compare against every key, in constant time per key.
-        return any([hmac.compare_digest(given, k.encode()) for k in self.accepted_keys])
+        return any([hmac.compare_digest(given, k.encode()) for k in self.accepted_keys])  # noqa: C419 - a list, so every key is compared (no early exit)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         if self._server is not None:
@@ -1493,7 +1498,8 @@ def bench_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bridge.gateway.sim", description="AillomVox gateway simulator")
+    parser = argparse.ArgumentParser(prog="python -m bridge.devtools.gateway_sim",
+                                     description="AillomVox gateway simulator")
     add_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.bench_echo else logging.INFO,
@@ -1503,8 +1509,8 @@ def _main() -> None:
             try:
                 import uvloop
             except ImportError:
-                uvloop = None
-            if uvloop is not None:
+                pass
+            else:
                 uvloop.run(run_from_args(args))
                 return
         asyncio.run(run_from_args(args))

@@ -27,9 +27,9 @@ bridge's CPU per call is reported as a ratio to it — a ratio survives machine 
 N ramps through ``--calls`` and stops at the first step that breaks a service level; the largest
 N that held is reported. Output: ``bench.json`` and ``bench.png`` (needs matplotlib) in ``--out``.
 
-Processes (all started here, stopped by PID): ``python -m bridge.gateway.sim --bench-echo``,
-``python -m bridge.bench _bridge`` × ``--workers`` (a ``Bridge`` with the no-op bench tool,
-sharing the AudioSocket port with SO_REUSEPORT when > 1), ``python -m bridge.bench _callers``
+Processes (all started here, stopped by PID): ``python -m bridge.devtools.gateway_sim --bench-echo``,
+``python -m bridge.devtools.bench _bridge`` × ``--workers`` (a ``Bridge`` with the no-op bench tool,
+sharing the AudioSocket port with SO_REUSEPORT when > 1), ``python -m bridge.devtools.bench _callers``
 × ``--caller-procs``, and for the baseline ``_echo`` and ``_relay``.
 """
 
@@ -59,7 +59,7 @@ FRAME_S = 0.020
 RATE = 8000
 PAYLOAD = RATE * 20 // 1000 * 2  # 320 bytes
 MAGIC = b"VXBM"
-MARK = struct.Struct("<4sB3xIIIIddddd")  # see bridge/gateway/sim.py, "Bench echo mode"
+MARK = struct.Struct("<4sB3xIIIIddddd")  # see bridge/devtools/gateway_sim.py, "Bench echo mode"
 KIND_CALLER, KIND_BURST = 1, 2
 UUID_BASE = 0xB3 << 120  # caller i connects as UUID(int=UUID_BASE | i)
 
@@ -100,9 +100,9 @@ def _noop_tool():
 async def _bridge_main(args: argparse.Namespace) -> int:
     """One bridge process: what ``voxbridge serve`` runs, plus the no-op tool and a stats dump
     on SIGUSR1 (clock phase and counters, for the analysis)."""
-    from .app import Bridge
-    from .cli import setup_logging
-    from .config import load_config
+    from ..app import Bridge
+    from ..cli import setup_logging
+    from ..config import load_config
 
     cfg = load_config(args.config, env={})
     setup_logging(cfg.log_level)
@@ -135,7 +135,6 @@ def _dump_bridge_stats(bridge: Any, path: str) -> None:
         "sessions": len(bridge.sessions),
         "frames_out_dropped": dropped,
         "calls": [int(_uuid.UUID(cid)) & 0xFFFFFFFF for cid in bridge.sessions],
-        "metrics": dict(bridge.metrics),
     }
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -436,12 +435,12 @@ class _Procs:
 
     async def start(self, *argv: str, log: Path, ready: bool = True, timeout: float = 20.0,
                     env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-        errf = open(log, "ab")
-        p = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE if ready else asyncio.subprocess.DEVNULL,
-            stderr=errf, env=env, cwd=str(Path(__file__).resolve().parent.parent),
-        )
-        errf.close()
+        # A local log file opened once per process start, outside any measurement: blocking is fine.
+        with open(log, "ab") as errf:  # noqa: ASYNC230
+            p = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE if ready else asyncio.subprocess.DEVNULL,
+                stderr=errf, env=env, cwd=str(Path(__file__).resolve().parent.parent),  # noqa: ASYNC240
+            )
         self.procs.append(p)
         if ready:
             assert p.stdout is not None
@@ -611,16 +610,16 @@ def _analyse(d: dict[str, np.ndarray], phases: dict[int, float]) -> dict[str, An
     res["round_trip_ms"] = {"p50": _pct(rtt, 50), "p99": _pct(rtt, 99), "max": _max(rtt)}
     expected = 0
     skipped = 0
-    first = dict(zip(d["call_cid"].tolist(), d["call_seq_first"].tolist()))
-    last = dict(zip(d["call_cid"].tolist(), d["call_seq_last"].tolist()))
+    first = dict(zip(d["call_cid"].tolist(), d["call_seq_first"].tolist(), strict=True))
+    last = dict(zip(d["call_cid"].tolist(), d["call_seq_last"].tolist(), strict=True))
     for c, f in first.items():
         if f >= 0:
             expected += last[c] - f + 1
-    for c, f, n in zip(d["skip_cid"].tolist(), d["skip_first"].tolist(), d["skip_count"].tolist()):
+    for c, f, n in zip(d["skip_cid"].tolist(), d["skip_first"].tolist(), d["skip_count"].tolist(), strict=True):
         lo, hi = first.get(c, -1), last.get(c, -1)
         if lo >= 0:
             skipped += max(0, min(hi, f + n - 1) - max(lo, f) + 1)
-    got = len(set(zip(d["e_cid"].tolist(), d["e_seq"].tolist())))
+    got = len(set(zip(d["e_cid"].tolist(), d["e_seq"].tolist(), strict=True)))
     res["frames_sent"] = expected
     res["lost_frames"] = max(0, expected - skipped - got)
     res["barge_in_skipped_frames"] = skipped
@@ -659,7 +658,7 @@ class _Step:
             out = self.tmp / f"{self.label}-{n}-callers{i}.npz"
             files.append(out)
             callers.append(await self.procs.start(
-                sys.executable, "-m", "bridge.bench", "_callers", "--port", str(port),
+                sys.executable, "-m", "bridge.devtools.bench", "_callers", "--port", str(port),
                 "--first-id", str(first), "--count", str(cnt), "--ramp-rate", str(args.ramp_rate / nprocs),
                 "--t0", repr(t0), "--ws", repr(ws), "--we", repr(we), "--stop", repr(stop),
                 "--groups", "4", "--out", str(out), log=self.tmp / f"{self.label}-callers.log", ready=False,
@@ -701,7 +700,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         env["VOXBRIDGE_NO_UVLOOP"] = "1"
     sim_port, as_port = _free_port(), _free_port()
     sim = await procs.start(
-        sys.executable, "-m", "bridge.gateway.sim", "--listen", f"127.0.0.1:{sim_port}", "--settle-ms", "0",
+        sys.executable, "-m", "bridge.devtools.gateway_sim", "--listen", f"127.0.0.1:{sim_port}", "--settle-ms", "0",
         "--api-key", "bench", "--bench-echo", "--bench-barge-every", str(args.barge_every),
         "--bench-tool-every", str(args.tool_every), "--bench-tool", "bench_noop",
         log=tmp / "sim.log", ready=False, env=env,
@@ -722,7 +721,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
     workers = []
     for i in range(args.workers):
         workers.append(await procs.start(
-            sys.executable, "-m", "bridge.bench", "_bridge", "--config", str(cfg_path),
+            sys.executable, "-m", "bridge.devtools.bench", "_bridge", "--config", str(cfg_path),
             "--stats", str(tmp / f"bridge-{i}.json"), log=tmp / "bridge.log", env=env,
         ))
     await asyncio.sleep(0.5)
@@ -783,9 +782,9 @@ async def _baseline_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: 
     if args.asyncio:
         env["VOXBRIDGE_NO_UVLOOP"] = "1"
     echo_port, relay_port = _free_port(), _free_port()
-    echo = await procs.start(sys.executable, "-m", "bridge.bench", "_echo", "--port", str(echo_port),
+    echo = await procs.start(sys.executable, "-m", "bridge.devtools.bench", "_echo", "--port", str(echo_port),
                              log=tmp / "baseline.log", env=env)
-    relay = await procs.start(sys.executable, "-m", "bridge.bench", "_relay", "--port", str(relay_port),
+    relay = await procs.start(sys.executable, "-m", "bridge.devtools.bench", "_relay", "--port", str(relay_port),
                               "--upstream", str(echo_port), log=tmp / "baseline.log", env=env)
     try:
         await asyncio.sleep(0.3)
@@ -901,7 +900,8 @@ def _row(s: dict[str, Any]) -> str:
             f"flush p99 {f(s['barge_in_flush_ms']['p99'], '.1f')}  tool p99 {f(s['tool_rtt_ms']['p99'], '.1f')}  "
             f"cpu {f(s['bridge_cpu_pct'], '.1f')}% ({f(s['cpu_pct_per_call'], '.3f')}/call, "
             f"×{f(s.get('cpu_ratio_to_baseline'), '.2f')} relay {f(b.get('relay_cpu_pct'), '.1f')}%)  "
-            f"rss/call {f(s['rss_per_call_mb'], '.3f')} MB  callers late p99 {f(s['callers']['timer_late_ms']['p99'])}  "
+            f"rss/call {f(s['rss_per_call_mb'], '.3f')} MB  "
+            f"callers late p99 {f(s['callers']['timer_late_ms']['p99'])}  "
             f"bridge tick late p99 {f(s['bridge_tick']['lateness_p99_ms'], '.1f')} cost p99 "
             f"{f(s['bridge_tick']['cost_p99_ms'], '.1f')} skipped {s['bridge_tick']['skipped_ticks']}  "
             f"machine {f(s['machine_busy_pct'], '.0f')}%"
@@ -913,7 +913,7 @@ async def run_bench(args: argparse.Namespace) -> int:
     first step held."""
     steps_n = [int(x) for x in str(args.calls).split(",") if x.strip()]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything is measured
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * max(steps_n) + 1024))
     if want > soft:
@@ -976,39 +976,44 @@ def result_loop() -> str:
         return "asyncio"
 
 
+#: The numeric options of ``voxbridge bench``: (flag, type, default, metavar, help).
+_NUMERIC_OPTIONS: tuple[tuple[str, type, float, str, str], ...] = (
+    ("--duration", float, 15.0, "S", "measured seconds per step (default 15)"),
+    ("--baseline-duration", float, 8.0, "S", "measured seconds of the bare relay per step (default 8)"),
+    ("--warmup", float, 3.0, "S", "seconds after the last call connected before measuring (default 3)"),
+    ("--ramp-rate", float, 250.0, "CALLS/S", "new calls per second while ramping up a step (default 250)"),
+    ("--workers", int, 1, "W", "bridge processes sharing the AudioSocket port with SO_REUSEPORT (default 1)"),
+    ("--caller-procs", int, 0, "P", "load-generator processes (default: one per 500 calls)"),
+    ("--barge-every", float, 10.0, "S",
+     "per call, a gateway burst + playback_clear_buffer every S seconds (default 10)"),
+    ("--tool-every", float, 10.0, "S", "per call, a no-op tool call every S seconds (default 10)"),
+)
+#: Its on/off switches: (flag, help).
+_SWITCHES: tuple[tuple[str, str], ...] = (
+    ("--no-baseline", "skip the bare relay baseline"),
+    ("--keep-going", "run every step even after one broke"),
+    ("--asyncio", "run bridge and relay on asyncio instead of uvloop"),
+    ("--keep-tmp", "keep raw per-frame data and process logs"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``voxbridge bench``."""
     parser.add_argument("--calls", default=DEFAULT_STEPS, metavar="N,N,…",
                         help=f"concurrent calls per step, ramped in order (default {DEFAULT_STEPS})")
-    parser.add_argument("--duration", type=float, default=15.0, metavar="S",
-                        help="measured seconds per step (default 15)")
-    parser.add_argument("--baseline-duration", type=float, default=8.0, metavar="S",
-                        help="measured seconds of the bare relay per step (default 8)")
-    parser.add_argument("--warmup", type=float, default=3.0, metavar="S",
-                        help="seconds after the last call connected before measuring (default 3)")
-    parser.add_argument("--ramp-rate", type=float, default=250.0, metavar="CALLS/S",
-                        help="new calls per second while ramping up a step (default 250)")
-    parser.add_argument("--workers", type=int, default=1, metavar="W",
-                        help="bridge processes sharing the AudioSocket port with SO_REUSEPORT (default 1)")
-    parser.add_argument("--caller-procs", type=int, default=0, metavar="P",
-                        help="load-generator processes (default: one per 500 calls)")
-    parser.add_argument("--barge-every", type=float, default=10.0, metavar="S",
-                        help="per call, a gateway burst + playback_clear_buffer every S seconds (default 10)")
-    parser.add_argument("--tool-every", type=float, default=10.0, metavar="S",
-                        help="per call, a no-op tool call every S seconds (default 10)")
+    for flag, kind, default, metavar, help_ in _NUMERIC_OPTIONS:
+        parser.add_argument(flag, type=kind, default=kind(default), metavar=metavar, help=help_)
     parser.add_argument("--out", default="bench-results", metavar="DIR",
                         help="where bench.json and bench.png go (default ./bench-results)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the bare relay baseline")
-    parser.add_argument("--keep-going", action="store_true", help="run every step even after one broke")
-    parser.add_argument("--asyncio", action="store_true", help="run bridge and relay on asyncio instead of uvloop")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep raw per-frame data and process logs")
+    for flag, help_ in _SWITCHES:
+        parser.add_argument(flag, action="store_true", help=help_)
 
 
 # =========================================================================== entry point (roles)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bridge.bench")
+    p = argparse.ArgumentParser(prog="python -m bridge.devtools.bench")
     sub = p.add_subparsers(dest="role", required=True)
     add_arguments(sub.add_parser("run", help="the benchmark (same as voxbridge bench)"))
     b = sub.add_parser("_bridge")
@@ -1027,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("_echo")
     e.add_argument("--port", type=int, required=True)
     args = p.parse_args(argv)
-    from .cli import _run
+    from ..cli import _run
 
     role = {"run": run_bench, "_bridge": _bridge_main, "_callers": _callers_main,
             "_relay": _relay_main, "_echo": _echo_main}[args.role]

@@ -382,10 +382,10 @@ class AudioSocketCaller:
     async def aclose(self, timeout: float = 2.0) -> None:
         """Hang up if needed, wait for the socket to close (abort after ``timeout``), stop timers."""
         self.hangup()
-        if self._transport is not None and not self._closed.is_set():
-            if not await self._wait_event(self._closed, timeout):
-                self._transport.abort()
-                await self._wait_event(self._closed, 1.0)
+        if (self._transport is not None and not self._closed.is_set()
+                and not await self._wait_event(self._closed, timeout)):
+            self._transport.abort()
+            await self._wait_event(self._closed, 1.0)
         if self._owns_ticker:
             await self._ticker.aclose()
 
@@ -605,7 +605,7 @@ def tone(freq: float, ms: float, rate: int = 8000, amplitude: float = 0.3) -> by
     """A sine of ``freq`` Hz lasting ``ms`` milliseconds, s16le, peak ``amplitude`` of full scale."""
     if not 0 <= amplitude <= 1:
         raise ValueError(f"amplitude must be within 0..1, got {amplitude}")
-    n = int(round(rate * ms / 1000))
+    n = round(rate * ms / 1000)
     t = np.arange(n) / rate
     samples = np.sin(2 * np.pi * freq * t) * (amplitude * 32767)
     return np.round(samples).astype("<i2").tobytes()
@@ -932,8 +932,9 @@ async def run_dial(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m bridge.dial``) until the CLI wires ``voxbridge dial``."""
-    parser = argparse.ArgumentParser(prog="voxbridge dial", description="Place a test call into the bridge over AudioSocket.")
+    """Stand-alone entry point (``python -m bridge.devtools.dial``), the same as ``voxbridge dial``."""
+    parser = argparse.ArgumentParser(prog="voxbridge dial",
+                                     description="Place a test call into the bridge over AudioSocket.")
     add_arguments(parser)
     return asyncio.run(run_dial(parser.parse_args(argv)))
 
