@@ -20,9 +20,10 @@ The wire format (README, "Webhook delivery")::
     <Event JSON: {"id", "type", "call_id", "ts", "seq", "data"}>
 
 A 2xx answer is a delivery. Anything else — another status, a connection error, a timeout — is
-retried with exponential backoff (honouring ``Retry-After`` up to ``backoff_max``) until
-``max_attempts``; then the event is given up on, counted and logged. Redirects are not followed
-(the signature is for the URL the subscriber registered).
+retried with exponential backoff (honouring ``Retry-After`` up to ``backoff_max``; the policy is
+bridge/retry.py's, shared with HTTP tools) until ``max_attempts``; then the event is given up on,
+counted and logged. Redirects are not followed (the signature is for the URL the subscriber
+registered).
 
 **410 Gone** removes the subscription (from the store too), as in the REST Hooks convention: the
 receiver is saying, permanently, that nobody is listening there any more. Its queued events are
@@ -51,19 +52,19 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
-import hashlib
-import hmac
 import json
 import logging
-import random
 import secrets as _secrets
 import time
 from typing import Any
 
 import httpx
+from tenacity import RetryCallState, retry_if_exception_type
 
 from .egress import EgressPolicy, EgressRefused, IPAddress, ResolveFailed, Target
 from .events import EVENT_TYPES, Event
+from .retry import Backoff, retrying
+from .signing import DEFAULT_TOLERANCE_S, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from .store import CallStore
 from .supervise import Supervisor
 
@@ -76,35 +77,45 @@ MAX_RESPONSE_BYTES = 64 * 1024
 PUBLIC_FIELDS = ("id", "url", "events", "description", "created_at")
 #: The supervisor's name for the delivery workers (one label for all: subscription ids are unbounded).
 PART = "webhooks"
+#: Back-off jitter: up to 10 % on top of each wait, so subscribers sharing a receiver do not
+#: retry in lockstep.
+BACKOFF_JITTER = 0.1
+
+__all__ = ["WebhookDispatcher", "event_types", "sign", "verify_signature", "PUBLIC_FIELDS"]
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """``"sha256=" + hex(HMAC-SHA256(secret, "<timestamp>.<body>"))`` — the signature header's value."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
+class _AttemptFailed(Exception):
+    """One delivery attempt failed in a way worth retrying (any status but 2xx/410, a transport
+    error, a timeout, a failed resolution). ``retry_after``: the seconds the answer asked for."""
+
+    def __init__(self, why: str, retry_after: float | None = None) -> None:
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+def _asked_wait(state: RetryCallState) -> float | None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc.retry_after if isinstance(exc, _AttemptFailed) else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` in whole seconds (the HTTP-date form is not honoured)."""
+    if value is not None and value.strip().isdigit():
+        return float(value.strip())
+    return None
 
 
 def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
-                     tolerance_s: int | None = 300, now: float | None = None) -> bool:
+                     tolerance_s: int | None = DEFAULT_TOLERANCE_S, now: float | None = None) -> bool:
     """For receivers: is ``signature`` (the ``X-Voxbridge-Signature`` header) valid for ``body``
     (the raw request body, exactly as received) and ``timestamp`` (``X-Voxbridge-Timestamp``)?
 
     With ``tolerance_s`` (default 5 minutes), a timestamp further than that from ``now``
     (default: the current time) is refused, so a captured request cannot be replayed later;
     ``None`` skips that check. The comparison is in constant time. Never raises on bad input.
+    (:func:`bridge.signing.verify`, kept under this name for receivers written against it.)
     """
-    try:
-        ts = int(timestamp)
-    except (TypeError, ValueError):
-        return False
-    if tolerance_s is not None:
-        current = time.time() if now is None else now
-        if abs(current - ts) > tolerance_s:
-            return False
-    if not isinstance(signature, str) or not isinstance(body, (bytes, bytearray)):
-        return False
-    expected = sign(secret, str(timestamp), bytes(body))
-    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+    return verify(secret, timestamp, body, signature, tolerance_s=tolerance_s, now=now)
 
 
 def _host(url: str) -> str:
@@ -266,7 +277,7 @@ class WebhookDispatcher:
             for sub in self._subs.values():
                 if sub.push(event, self.totals) and (sub.task is None or sub.task.done()):
                     self._spawn(sub)
-        except Exception:  # noqa: BLE001 - on the media path: a webhook bug must not hurt the call
+        except Exception:  # on the media path: a webhook bug must not hurt the call
             log.exception("webhooks: cannot queue %s", getattr(event, "type", event))
 
     # ------------------------------------------------------------------ subscriptions
@@ -373,52 +384,70 @@ class WebhookDispatcher:
             sub.burst_drops = 0
 
     async def _deliver(self, sub: _Subscription, event: Event) -> bool:
-        """Deliver one event with retries. Returns True if the subscriber answered 410 Gone."""
+        """Deliver one event with retries (bridge/retry.py). Returns True if the subscriber
+        answered 410 Gone."""
         # Serialised once: every attempt sends (and signs) exactly the same bytes.
         body = json.dumps(event.as_dict(), ensure_ascii=False, separators=(",", ":"), default=str).encode()
-        last = ""
-        for attempt in range(1, self.max_attempts + 1):
-            timestamp = str(int(time.time()))  # per attempt: receivers' replay windows see a fresh one
-            headers = {
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-                "X-Voxbridge-Event": event.type,
-                "X-Voxbridge-Event-Id": event.id,
-                "X-Voxbridge-Timestamp": timestamp,
-                "X-Voxbridge-Signature": sign(sub.secret, timestamp, body),
-            }
-            retry_after: str | None = None
-            try:
-                status, retry_after = await self._post(sub, body, headers)
-            except EgressRefused as exc:
-                # Permanent: the host now resolves somewhere deliveries may not go. Retrying
-                # would only knock on that door again.
-                self._failed(sub)
-                self.totals["refused"] += 1
-                log.warning("webhook %s (%s): event %s (%s) not delivered: %s", sub.id, sub.host, event.id,
-                            event.type, exc)
-                return False
-            except ResolveFailed as exc:
-                last = str(exc)
-            except (httpx.HTTPError, OSError, TimeoutError) as exc:
-                last = type(exc).__name__
-            else:
-                if 200 <= status < 300:
-                    sub.delivered += 1
-                    self.totals["delivered"] += 1
-                    return False
-                if status == 410:
-                    return True
-                last = f"HTTP {status}"
-            if attempt < self.max_attempts:
-                delay = self._backoff(attempt, retry_after)
-                log.info("webhook %s (%s): event %s attempt %d/%d failed (%s); retrying in %.1f s", sub.id,
-                         sub.host, event.id, attempt, self.max_attempts, last, delay)
-                await asyncio.sleep(delay)
-        self._failed(sub)
-        log.warning("webhook %s (%s): gave up on event %s (%s) after %d attempt(s); last: %s", sub.id, sub.host,
-                    event.id, event.type, self.max_attempts, last)
-        return False
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            log.info("webhook %s (%s): event %s attempt %d/%d failed (%s); retrying in %.1f s", sub.id,
+                     sub.host, event.id, state.attempt_number, self.max_attempts, exc, state.upcoming_sleep)
+
+        policy = retrying(
+            attempts=self.max_attempts,
+            backoff=Backoff(self.backoff_base, self.backoff_max, BACKOFF_JITTER, retry_after=_asked_wait),
+            retry=retry_if_exception_type(_AttemptFailed),
+            before_sleep=log_retry,
+        )
+        gone = False
+        try:
+            async for attempt in policy:
+                with attempt:
+                    gone = await self._attempt(sub, event, body)
+        except EgressRefused as exc:
+            # Permanent: the host now resolves somewhere deliveries may not go. Retrying
+            # would only knock on that door again.
+            self._failed(sub)
+            self.totals["refused"] += 1
+            log.warning("webhook %s (%s): event %s (%s) not delivered: %s", sub.id, sub.host, event.id,
+                        event.type, exc)
+            return False
+        except _AttemptFailed as exc:
+            self._failed(sub)
+            log.warning("webhook %s (%s): gave up on event %s (%s) after %d attempt(s); last: %s", sub.id,
+                        sub.host, event.id, event.type, self.max_attempts, exc)
+            return False
+        if not gone:
+            sub.delivered += 1
+            self.totals["delivered"] += 1
+        return gone
+
+    async def _attempt(self, sub: _Subscription, event: Event, body: bytes) -> bool:
+        """One attempt. True if the subscriber answered 410 Gone, False if 2xx; raises
+        :class:`_AttemptFailed` for anything worth retrying and EgressRefused for a refusal."""
+        timestamp = str(int(time.time()))  # per attempt: receivers' replay windows see a fresh one
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "X-Voxbridge-Event": event.type,
+            "X-Voxbridge-Event-Id": event.id,
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(sub.secret, timestamp, body),
+        }
+        try:
+            status, retry_after = await self._post(sub, body, headers)
+        except ResolveFailed as exc:
+            raise _AttemptFailed(str(exc)) from None
+        except EgressRefused:
+            raise
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            raise _AttemptFailed(type(exc).__name__) from None
+        if 200 <= status < 300:
+            return False
+        if status == 410:
+            return True
+        raise _AttemptFailed(f"HTTP {status}", _retry_after(retry_after))
 
     def _failed(self, sub: _Subscription) -> None:
         sub.failed += 1
@@ -462,13 +491,6 @@ class WebhookDispatcher:
                     break
             return resp.status_code, resp.headers.get("retry-after")
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        delay *= 1 + random.random() * 0.1  # jitter: subscribers sharing a receiver do not retry in lockstep
-        if retry_after is not None and retry_after.strip().isdigit():
-            delay = max(delay, float(retry_after.strip()))
-        return min(delay, self.backoff_max)
-
     async def _gone(self, sub: _Subscription) -> None:
         """410 Gone: the subscriber asked to be unsubscribed."""
         if self._subs.get(sub.id) is sub:
@@ -479,5 +501,5 @@ class WebhookDispatcher:
         log.warning("webhook %s (%s) answered 410 Gone: subscription removed", sub.id, sub.host)
         try:
             await self._store.delete_webhook(sub.id)
-        except Exception:  # noqa: BLE001 - e.g. the store is closing; it is gone from memory already
+        except Exception:  # e.g. the store is closing; it is gone from memory already
             log.exception("webhook %s: cannot remove it from the store", sub.id)

@@ -65,40 +65,37 @@ Each attempt is given only the time that remains, so no attempt outlives the bud
 errors (refused, reset, protocol errors) and 5xx answers are retried up to ``retries`` more
 times with exponential back-off (0.2 s, 0.4 s, … capped at 2 s, with a little jitter), and
 only while the next attempt could still start before the deadline; 4xx answers are never
-retried. A retry can repeat work the endpoint already did (a reset after the request was
-received): that is what the idempotency key is for. When the budget runs out the router
-answers with a timeout error.
+retried (the policy is bridge/retry.py's, shared with webhook delivery). A retry can repeat
+work the endpoint already did (a reset after the request was received): that is what the
+idempotency key is for. When the budget runs out the router answers with a timeout error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.stop import stop_base
-from tenacity.wait import wait_exponential, wait_random
+from tenacity import RetryCallState, retry_if_exception_type
 
 from bridge import __version__
 from bridge.config import ToolConfig
+from bridge.retry import Backoff, retrying
+from bridge.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 from .base import TOOL_CALL_ID, CallControl, Tool, ToolError
 
 log = logging.getLogger("voxbridge.tools.http")
 
 USER_AGENT = f"voxbridge/{__version__}"
-TIMESTAMP_HEADER = "X-Voxbridge-Timestamp"
-SIGNATURE_HEADER = "X-Voxbridge-Signature"
 
 #: Headers the bridge owns: a configured header may not replace them (that would break the
 #: signature, the idempotency contract or the HTTP framing), so configuring one is an error.
@@ -111,11 +108,11 @@ RESERVED_HEADERS = frozenset(
 #: The context keys the request's ``call`` object always carries (README: HTTP tools).
 CALL_CONTEXT_KEYS = ("caller", "called", "channel", "profile", "direction", "variables", "metadata")
 
-#: Back-off between attempts: 0.2 s doubling, capped at 2 s. The jitter spreads the retries of
-#: many calls that hit the same restarting workflow at once.
+#: Back-off between attempts (bridge/retry.py): 0.2 s doubling, capped at 2 s. The jitter (up to
+#: half of each wait) spreads the retries of many calls that hit the same restarting workflow.
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 2.0
-BACKOFF_JITTER_S = 0.1
+BACKOFF_JITTER = 0.5
 
 #: An attempt that could only get less than this much time is not started: it could not
 #: complete a round trip, and the budget is better spent answering the AI.
@@ -127,13 +124,6 @@ ERROR_EXCERPT_CHARS = 200
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RETRYABLE_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
-
-
-def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
-    """The ``X-Voxbridge-Signature`` value: ``sha256=`` + hex HMAC-SHA256 over ``<timestamp>.<body>``."""
-    key = secret.encode() if isinstance(secret, str) else secret
-    digest = hmac.new(key, timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
 
 
 def expand_headers(tool: str, headers: Mapping[str, str], env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -209,8 +199,8 @@ def interpret_response(name: str, status: int, body: bytes) -> Any:
     """
     if not 200 <= status < 300:
         excerpt = _error_excerpt(body)
-        message = f"the {name} service failed (HTTP {status})"
-        raise ToolError(f"{message}: {excerpt}" if excerpt else message)
+        failed = f"the {name} service failed (HTTP {status})"
+        raise ToolError(f"{failed}: {excerpt}" if excerpt else failed)
     if status == 204:
         return None
     text = body.decode("utf-8", errors="replace").strip()
@@ -224,7 +214,8 @@ def interpret_response(name: str, status: int, body: bytes) -> Any:
         if "result" in data and data["result"] is not None:
             return data["result"]
         if data.get("error"):
-            raise ToolError(_message_of(data["error"]) or json.dumps(data["error"], ensure_ascii=False)[:ERROR_EXCERPT_CHARS])
+            message = _message_of(data["error"])
+            raise ToolError(message or json.dumps(data["error"], ensure_ascii=False)[:ERROR_EXCERPT_CHARS])
         if "result" in data:  # an explicit {"result": null}: done, nothing to report
             return None
     if data in (None, {}, [], ""):
@@ -249,17 +240,6 @@ class _ServerError(Exception):
 
 class _ResponseTooLarge(Exception):
     pass
-
-
-class _stop_at_deadline(stop_base):
-    """Stop when the next attempt could not start before the deadline (after its back-off)."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        now = asyncio.get_running_loop().time()
-        return now + (retry_state.upcoming_sleep or 0.0) + MIN_ATTEMPT_S >= self.deadline
 
 
 class HttpTool(Tool):
@@ -321,18 +301,19 @@ class HttpTool(Tool):
         tool_call_id = TOOL_CALL_ID.get() or f"vb-{uuid.uuid4().hex}"
         body = self.request_body(call, args, tool_call_id)
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._cfg.retries + 1) | _stop_at_deadline(deadline),
-            wait=wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S) + wait_random(0, BACKOFF_JITTER_S),
+        policy = retrying(
+            attempts=self._cfg.retries + 1,
+            backoff=Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S, BACKOFF_JITTER),
             retry=retry_if_exception_type((*_RETRYABLE_ERRORS, _ServerError)),
+            deadline=deadline,
+            min_attempt_s=MIN_ATTEMPT_S,
             before_sleep=self._log_retry,
-            reraise=True,
         )
         try:
             # The hard bound: whatever httpx's per-phase timeouts do (a server trickling one
             # byte at a time resets a read timeout forever), nothing runs past the deadline.
             async with asyncio.timeout_at(deadline):
-                async for attempt in retrying:
+                async for attempt in policy:
                     with attempt:
                         reply = await self._attempt(body, tool_call_id, deadline)
                         if reply.status >= 500:

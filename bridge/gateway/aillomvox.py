@@ -1,6 +1,7 @@
 """AillomVox gateway adapter (the primary protocol).
 
-Wire protocol (docs/PROTOCOL.md of the gateway, restated in shared/reference/gateway-protocol.md):
+Wire protocol (the gateway vendor publishes it; bridge/devtools/gateway_sim.py is our strict reference
+implementation of it, and the adapter is tested against that):
 
 * WebSocket; the first message is a JSON text frame ``{"type": "config", "apikey": …}``.
   Anything binary before it gets the connection closed with 1008.
@@ -29,11 +30,13 @@ import asyncio
 import collections
 import json
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any, cast
 from urllib.parse import quote
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.protocol import State
 
 from .base import (
@@ -61,6 +64,53 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DIRECT_WRITE_LIMIT = 64 * 1024
 #: How long a close waits for the gateway's half of the closing handshake before dropping TCP.
 CLOSE_TIMEOUT_S = 2.0
+
+
+class UplinkConnection(ClientConnection):
+    """A websockets client connection that can also write one binary message synchronously.
+
+    The uplink hot path (:meth:`AillomVoxGateway.send_audio`, 50 times a second per call) writes
+    each caller frame from the AudioSocket read callback, without a coroutine or a task switch.
+    websockets' public API offers that in two documented pieces, joined here:
+
+    - ``connect(create_connection=...)`` is its hook for customising the connection with a
+      subclass, whose constructor receives the Sans-I/O ``ClientProtocol`` (``websockets.client``,
+      documented: ``send_binary()``, ``data_to_send()``, ``state``);
+    - the connection is the asyncio protocol that ``loop.create_connection`` builds (connect()'s
+      other keyword arguments go there), so asyncio hands it its transport in
+      ``connection_made()``.
+
+    :meth:`write_binary` frames with the former and writes with the latter, exactly as websockets'
+    own ``send()`` does before it awaits draining. It is safe to interleave with ``send()``: every
+    message this adapter sends is a single frame, framed and written synchronously, so no
+    fragmented message is ever in progress.
+    """
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        super().__init__(protocol, **kwargs)
+        self.uplink_protocol = protocol
+        self.uplink_transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A stream transport (not necessarily an asyncio.Transport instance: uvloop has its own).
+        self.uplink_transport = cast(asyncio.Transport, transport)
+
+    def write_binary(self, data: bytes, write_limit: int) -> bool:
+        """Write ``data`` as one binary message now, if the connection is open and less than
+        ``write_limit`` bytes wait in the transport. False (nothing written) otherwise; raises
+        if the connection fails underneath (the receive side then reports it)."""
+        protocol, transport = self.uplink_protocol, self.uplink_transport
+        if (protocol.state is not State.OPEN or transport is None
+                or transport.get_write_buffer_size() >= write_limit):
+            return False
+        protocol.send_binary(data)
+        for chunk in protocol.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            # An empty chunk (end of stream) only follows a close, never a data frame sent while
+            # OPEN; the closing side is websockets' own.
+        return True
 
 
 def build_config(setup: SessionSetup, api_key: str) -> dict[str, Any]:
@@ -141,7 +191,7 @@ def _clip(text: str, n: int = 120) -> str:
 
 
 def redact_url(url: str) -> str:
-    base, sep, query = url.partition("?")
+    base, sep, _query = url.partition("?")
     return base + ("?…" if sep else "")
 
 
@@ -174,14 +224,13 @@ class AillomVoxGateway(Gateway):
         self._settle_buffer_ms = settle_buffer_ms
         self._log = logging.LoggerAdapter(log, {"call": call_id})
         self._call = call_id
-        self._ws: ClientConnection | None = None
+        self._ws: UplinkConnection | None = None
         self._uplink: collections.deque[bytes] = collections.deque()
         self._uplink_bytes = 0
         self._uplink_limit = 0
         self._uplink_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._direct = False  # settled and the queue drained: write frames from send_audio itself
-        self._direct_capable = False
         self._closed = False
         self.sample_rate = 8000
         self._stats = {"frames_up": 0, "bytes_up": 0, "frames_down": 0, "bytes_down": 0, "dropped_up": 0}
@@ -199,7 +248,7 @@ class AillomVoxGateway(Gateway):
         if self._api_key_in_query:
             uri += ("&" if "?" in uri else "?") + "apiKey=" + quote(self._api_key, safe="")
         try:
-            self._ws = await connect(
+            ws = await connect(
                 uri,
                 open_timeout=self._connect_timeout,
                 max_size=MAX_MESSAGE_BYTES,
@@ -208,18 +257,18 @@ class AillomVoxGateway(Gateway):
                 ping_timeout=self._keepalive_timeout,
                 close_timeout=CLOSE_TIMEOUT_S,
                 user_agent_header="voxbridge",
+                create_connection=UplinkConnection,
             )
-        except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
-            raise GatewayError(f"cannot connect to gateway {redact_url(self._url)}: {exc or type(exc).__name__}") from None
+            assert isinstance(ws, UplinkConnection)  # what create_connection makes
+            self._ws = ws
+        except (TimeoutError, OSError, websockets.exceptions.WebSocketException) as exc:
+            raise GatewayError(
+                f"cannot connect to gateway {redact_url(self._url)}: {exc or type(exc).__name__}") from None
         try:
             await self._ws.send(json.dumps(build_config(setup, self._api_key)))
         except websockets.exceptions.ConnectionClosed as exc:
             raise GatewayError(f"gateway closed the connection before the config was sent: {exc}") from None
         self._settled_at = asyncio.get_running_loop().time() + self._settle_s
-        # The direct-write hot path uses websockets' sans-I/O layer under the asyncio connection
-        # (protocol.send_binary + send_data): not public API, so use it only where it exists
-        # and fall back to the public ``send()`` path everywhere else.
-        self._direct_capable = all(hasattr(self._ws, a) for a in ("protocol", "send_data", "send_in_progress"))
         self._sender = asyncio.create_task(self._send_loop(), name=f"gateway-uplink-{self._call}")
         self._log.info(
             "gateway session open: %s provider=%s rate=%d tools=%d",
@@ -236,14 +285,12 @@ class AillomVoxGateway(Gateway):
             # it is sent, and the queue is empty here.
             ws = self._ws
             assert ws is not None
-            if (ws.protocol.state is State.OPEN and ws.send_in_progress is None
-                    and ws.transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT):
-                try:
-                    ws.protocol.send_binary(pcm)
-                    ws.send_data()
-                except Exception:  # noqa: BLE001 - closing underneath us: the receive side reports it
-                    self._direct = False
-                    return
+            try:
+                written = ws.write_binary(pcm, DIRECT_WRITE_LIMIT)
+            except Exception:  # noqa: BLE001 - closing underneath us: the receive side reports it
+                self._direct = False
+                return
+            if written:
                 stats = self._stats
                 stats["frames_up"] += 1
                 stats["bytes_up"] += len(pcm)
@@ -277,7 +324,7 @@ class AillomVoxGateway(Gateway):
                     self._stats["frames_up"] += 1
                     self._stats["bytes_up"] += len(pcm)
                 # Settled and caught up: send_audio writes directly again until the next backlog.
-                self._direct = self._direct_capable
+                self._direct = True
         except websockets.exceptions.ConnectionClosed:
             pass  # the receive side reports Closed
 
@@ -299,7 +346,7 @@ class AillomVoxGateway(Gateway):
             await self._send_json({"type": "hangup"})
         await self.close()
 
-    async def events(self) -> AsyncIterator[GatewayEvent]:  # type: ignore[override]
+    async def events(self) -> AsyncIterator[GatewayEvent]:
         ws = self._ws
         if ws is None:
             yield Closed(None, "never connected", clean=False)

@@ -21,10 +21,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from bridge.config import ToolConfig
+from tests.fakes import FakeCall
 from tools.base import ToolRegistry
 from tools.http import HttpTool, make_client
 from tools.router import ToolOutcome, ToolRouter
-from tests.fakes import FakeCall
 
 SECRET = "n8n-shared-secret"
 TOKEN = "header-auth-token-1"
@@ -159,8 +159,9 @@ async def call_tool(tool: HttpTool, args: dict[str, Any], *, tool_call_id: str =
         assert not answered.done(), "a second result was sent"
         answered.set_result((call_id, text, loop.time()))
 
-    router = ToolRouter(registry, FakeCall("call-7", profile="support", caller="+15550100", called="100", channel_name="PJSIP/trunk-0007",
-                                      variables={"lang": "en"}, metadata={"ticket": "T-9"}), send, deadline=deadline)
+    call = FakeCall("call-7", profile="support", caller="+15550100", called="100", channel_name="PJSIP/trunk-0007",
+                    variables={"lang": "en"}, metadata={"ticket": "T-9"})
+    router = ToolRouter(registry, call, send, deadline=deadline)
     t0 = loop.time()
     router.dispatch(tool_call_id, tool.name, args)
     call_id, text, t1 = await answered

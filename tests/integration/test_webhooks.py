@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 import bridge.webhooks
 from bridge.egress import EgressPolicy
@@ -207,7 +208,7 @@ async def test_subscriber_receives_every_event_signed_in_order(receiver, make_di
     got = [await receiver.next("/all") for _ in sent]
     assert [r.event["id"] for r in got] == [e.id for e in sent]
 
-    for r, e in zip(got, sent):
+    for r, e in zip(got, sent, strict=True):
         h = r.headers
         assert h["content-type"] == "application/json"
         assert h["user-agent"] == "voxbridge"
@@ -424,8 +425,9 @@ async def test_subscriptions_are_loaded_from_the_store_on_start(receiver, store)
 
 async def test_create_validates(make_dispatcher):
     # Any public https host may be subscribed here; a fake resolver answers for example.com.
-    d, _ = await make_dispatcher(policy=EgressPolicy(["https://"], resolver=FakeDns({"example.com": ["93.184.215.14"]})))
-    with pytest.raises(ValueError, match="call.finished"):
+    d, _ = await make_dispatcher(
+        policy=EgressPolicy(["https://"], resolver=FakeDns({"example.com": ["93.184.215.14"]})))
+    with pytest.raises(ValueError, match=r"call.finished"):
         await d.create("https://example.com/hook", ["call.ended", "call.finished"])
     for bad in ("ftp://example.com/hook", "/relative", "not a url", "https://"):
         with pytest.raises(ValueError):
@@ -582,7 +584,7 @@ async def test_default_list_accepts_a_receiver_on_this_host(make_dispatcher):
         assert (await d.create(url, ["call.ended"]))["url"] == url  # stored exactly as given (n8n compares it)
     d2, _ = await make_dispatcher(policy=EgressPolicy(["http://n8n.example.test"], resolver=FakeDns({})))
     before = await d2.list()  # (the same store: the three above)
-    with pytest.raises(ValueError, match="cannot resolve n8n.example.test: Name or service not known"):
+    with pytest.raises(ValueError, match=r"cannot resolve n8n.example.test: Name or service not known"):
         await d2.create("http://n8n.example.test:5678/webhook/x", None)
     assert await d2.list() == before
 
@@ -632,7 +634,7 @@ async def test_the_number_of_subscriptions_is_capped(receiver, make_dispatcher):
     with pytest.raises(ValueError, match="metadata"):
         await d.create("http://169.254.169.254/", None)
     dns.answers["hooks.example.test"] = ["169.254.169.254"]
-    with pytest.raises(ValueError, match="resolves to 169.254.169.254"):
+    with pytest.raises(ValueError, match=r"resolves to 169.254.169.254"):
         await d.create("http://hooks.example.test/rebound", None)
     dns.answers["hooks.example.test"] = ["127.0.0.1"]
     await d.create("http://hooks.example.test/again", None)
@@ -749,9 +751,11 @@ async def test_metrics_count_deliveries_and_failures_across_deletion(api, receiv
     assert r.status_code == 201
     ended(bridge_.events, "call-27")
     await wait_for(lambda: bridge_.webhooks.totals["failed"] == 1)
-    text = (await client.get("/metrics")).text
-    assert "voxbridge_webhook_deliveries_total 1\n" in text  # the deleted subscription's delivery still counts
-    assert "voxbridge_webhook_failures_total 1\n" in text
-    assert "voxbridge_webhook_refused_total 0\n" in text
-    assert "voxbridge_webhook_events_dropped_total 0\n" in text
-    assert "# TYPE voxbridge_webhook_deliveries_total counter" in text
+    families = {f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    values = {name: families[name].samples[0].value
+              for name in ("voxbridge_webhook_deliveries", "voxbridge_webhook_failures", "voxbridge_webhook_refused",
+                           "voxbridge_webhook_events_dropped")}
+    assert values == {"voxbridge_webhook_deliveries": 1,  # the deleted subscription's delivery still counts
+                      "voxbridge_webhook_failures": 1, "voxbridge_webhook_refused": 0,
+                      "voxbridge_webhook_events_dropped": 0}
+    assert all(families[name].type == "counter" and families[name].documentation for name in values)

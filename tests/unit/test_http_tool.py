@@ -9,16 +9,17 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 
 from bridge import __version__
 from bridge.config import ToolConfig
+from tests.fakes import FakeCall
 from tools.base import TOOL_CALL_ID, ToolError
 from tools.http import HttpTool, build_http_tools, expand_headers, interpret_response, make_client, sign
-from tests.fakes import FakeCall
 
 SECRET = "hmac-secret-never-logged"
 
