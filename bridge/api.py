@@ -39,14 +39,17 @@ import json
 import logging
 import re
 import socket
+from collections.abc import AsyncIterator, Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,11 +58,48 @@ from tools.base import ToolError
 
 from . import __version__
 from .events import EVENT_TYPES
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render as render_metrics
 
 if TYPE_CHECKING:
-    from .app import Bridge
+    from tools.ami import Telephony
+
+    from .config import Config
+    from .events import EventBus
 
 log = logging.getLogger("voxbridge.api")
+
+
+class Bridge(Protocol):
+    """What the API reaches of the running bridge (bridge/app.py's ``Bridge`` provides it)."""
+
+    config: Config
+    events: EventBus
+
+    @property
+    def sessions(self) -> Mapping[str, Any]: ...  # the calls in progress (bridge/session.py)
+
+    @property
+    def known_ended(self) -> Container[str]: ...  # recently ended calls' UUIDs (409, not 404)
+
+    @property
+    def ami(self) -> Any: ...  # bridge/ami.py's AmiClient, or None
+
+    @property
+    def telephony(self) -> Telephony: ...  # the allowlist-checked AMI actions
+
+    @property
+    def webhooks(self) -> Any: ...  # bridge/webhooks.py's WebhookDispatcher
+
+    async def start_outbound_call(self, req: StartCall) -> str: ...
+
+    async def hangup_call(self, session: Any, reason: str) -> None: ...
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None: ...
+
+    async def list_calls(self, state: str | None, limit: int, offset: int) -> list[dict[str, Any]]: ...
+
+    def metrics_text(self) -> str: ...
 
 MAX_METADATA_BYTES = 16 * 1024
 SSE_HEARTBEAT_S = 15.0
@@ -133,13 +173,13 @@ def _check_json(value: Any, name: str) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
-def _path_id(name: str) -> Any:
-    """A path parameter (call or webhook id): printable, bounded."""
-    return Annotated[str, Path(max_length=128), AfterValidator(lambda v: _no_controls(v, name))]
+def _printable(name: str) -> Callable[[str], str]:
+    return lambda v: _no_controls(v, name)
 
 
-CallId = _path_id("call_id")
-HookId = _path_id("hook_id")
+#: Path parameters (call and webhook ids): printable, bounded.
+CallId = Annotated[str, Path(max_length=128), AfterValidator(_printable("call_id"))]
+HookId = Annotated[str, Path(max_length=128), AfterValidator(_printable("hook_id"))]
 
 
 # --------------------------------------------------------------------------- bodies
@@ -236,11 +276,8 @@ class WebhookIn(_Body):
 
 # --------------------------------------------------------------------------- access, limits, headers
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Starlette's own ASGI types, so the guard and the routes' responses agree on them.
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 #: Stamped on every answer: API data must not be cached by a browser or proxy, nor sniffed
 #: into something executable.
@@ -298,12 +335,20 @@ class RefusalLog:
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
 
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client collector: one series per cause, present from the start (zero until it
+        happens), read from :attr:`counts` when ``/metrics`` is scraped."""
+        family = CounterMetricFamily("voxbridge_api_refused",
+                                     "API requests refused by the access, size and stream limits.", labels=["cause"])
+        for cause in REFUSAL_CAUSES:
+            family.add_metric([cause], self.counts[cause])
+        yield family
+
     def metrics(self) -> str:
-        """Prometheus text: one series per cause, present from the start (zero until it happens)."""
-        lines = ["# HELP voxbridge_api_refused_total API requests refused by the access, size and stream limits.",
-                 "# TYPE voxbridge_api_refused_total counter"]
-        lines += [f'voxbridge_api_refused_total{{cause="{c}"}} {self.counts[c]}' for c in REFUSAL_CAUSES]
-        return "\n".join(lines) + "\n"
+        """Prometheus text of :meth:`collect` (bridge/metrics.py renders it)."""
+        registry = CollectorRegistry()
+        registry.register(self)
+        return render_metrics(registry)
 
     def note(self, refusal: Refusal, path: str) -> None:
         self.counts[refusal.cause] += 1
@@ -517,7 +562,7 @@ class _EventStream(StreamingResponse):
         super().__init__(content, **kwargs)
         self._on_close = on_close
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -683,8 +728,8 @@ def create_app(bridge: Bridge) -> FastAPI:
         return _EventStream(stream(), closed, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        return bridge.metrics_text() + refusals.metrics()
+    async def metrics() -> Response:
+        return Response(bridge.metrics_text() + refusals.metrics(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 
@@ -693,7 +738,7 @@ class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside our loop: the CLI owns SIGTERM/SIGINT (graceful call shutdown), not uvicorn."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 

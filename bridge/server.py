@@ -10,6 +10,10 @@ Rules enforced per connection (any breach closes *that* connection only, fast):
   * a second UUID is a protocol error.
 Every connection sets TCP_NODELAY (Nagle would hold back 320-byte writes) and writes each
 frame's header and payload in one call (Asterisk allows 5 ms between them).
+
+A connection is the session's :class:`~bridge.leg.CallerLeg`: it owns the AudioSocket framing
+(the header of the frames it sends follows the kind of audio Asterisk sends), and delivers
+audio, DTMF and the hang-up to the session as a :class:`~bridge.leg.LegListener`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from . import audiosocket as asp
-
-if TYPE_CHECKING:
-    from .app import Bridge
-    from .session import CallSession
+from .leg import CallerLeg, LegListener
 
 log = logging.getLogger("voxbridge.audiosocket")
 
@@ -35,16 +38,52 @@ _HANGUP = asp.encode_hangup()
 _RATE_OF_KIND_BYTE = asp.RATE_OF_KIND_BYTE
 
 
+def header_for(rate: int) -> bytes:
+    """The 3-byte header of one 20 ms audio frame at ``rate``."""
+    kind = asp.audio_kind_for_rate(rate)
+    n = asp.frame_bytes(rate)
+    return bytes((kind, n >> 8, n & 0xFF))
+
+
+#: The AudioSocket() dialplan application always speaks 8 kHz; the Dial() variant says otherwise
+#: with its first audio frame.
+DEFAULT_RATE = 8000
+
+
+class Call(LegListener, Protocol):
+    call_id: str
+
+
+class ProtocolErrors(Protocol):
+    def protocol_error(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AudioSocketIngress:
+    """What every connection of one server shares (built by bridge/app.py)."""
+
+    #: A connection delivered its UUID: the call it feeds, or None if refused (the leg is hung up).
+    open_call: Callable[[str, CallerLeg], Call | None]
+    uuid_timeout: float
+    #: Open connections (aborted at shutdown).
+    connections: set[Any]
+    metrics: ProtocolErrors | None = None
+
+
 class AudioSocketConnection(asyncio.Protocol):
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+    """One AudioSocket TCP connection: the caller's leg of one call."""
+
+    def __init__(self, ingress: AudioSocketIngress) -> None:
+        self.ingress = ingress
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.session: CallSession | None = None
+        self.session: Call | None = None
         self._decoder = asp.FrameDecoder()
         self._uuid_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._hung_up = False
+        self._rate = DEFAULT_RATE
+        self._header = header_for(DEFAULT_RATE)
 
     # -- asyncio.Protocol
 
@@ -58,9 +97,9 @@ class AudioSocketConnection(asyncio.Protocol):
                 log.debug("TCP_NODELAY not set: %s", exc)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.bridge.connections.add(self)
+        self.ingress.connections.add(self)
         loop = asyncio.get_running_loop()
-        self._uuid_timer = loop.call_later(self.bridge.config.audiosocket.uuid_timeout, self._no_uuid)
+        self._uuid_timer = loop.call_later(self.ingress.uuid_timeout, self._no_uuid)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -70,7 +109,9 @@ class AudioSocketConnection(asyncio.Protocol):
             rate = _RATE_OF_KIND_BYTE.get(data[0])
             n = len(data) - 3
             if rate is not None and not n & 1 and ((data[1] << 8) | data[2]) == n:
-                session.on_caller_audio(rate, data[3:])
+                if rate != self._rate:
+                    self._rate_changed(rate, session)
+                session.on_caller_audio(data[3:])
                 return
         decoder = self._decoder
         try:
@@ -90,7 +131,7 @@ class AudioSocketConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.bridge.connections.discard(self)
+        self.ingress.connections.discard(self)
         if self._uuid_timer is not None:
             self._uuid_timer.cancel()
         if self.session is not None:
@@ -102,14 +143,16 @@ class AudioSocketConnection(asyncio.Protocol):
         kind = frame.kind
         session = self.session
         if session is not None and kind.is_audio:
-            session.on_caller_audio(kind.sample_rate, frame.payload)
+            if kind.sample_rate != self._rate:
+                self._rate_changed(kind.sample_rate, session)
+            session.on_caller_audio(frame.payload)
         elif kind is asp.Kind.UUID:
             if session is not None:
                 raise asp.ProtocolError("second UUID frame on one connection")
             if self._uuid_timer is not None:
                 self._uuid_timer.cancel()
                 self._uuid_timer = None
-            self.session = self.bridge.open_session(str(frame.uuid), self)
+            self.session = self.ingress.open_call(str(frame.uuid), self)
         elif session is None:
             raise asp.ProtocolError(f"first frame must be the UUID (0x01), got {kind.name} (0x{kind:02x})")
         elif kind is asp.Kind.DTMF:
@@ -125,33 +168,37 @@ class AudioSocketConnection(asyncio.Protocol):
     def _no_uuid(self) -> None:
         self._uuid_timer = None
         if self.session is None and not self.closed:
-            self._protocol_error(f"no UUID frame within {self.bridge.config.audiosocket.uuid_timeout:g} s")
+            self._protocol_error(f"no UUID frame within {self.ingress.uuid_timeout:g} s")
 
     def _protocol_error(self, why: str) -> None:
         call = self.session.call_id if self.session else "-"
         log.warning("[%s] closing AudioSocket connection from %s: %s", call, self.peer, why)
-        if self.bridge.metrics is not None:
-            self.bridge.metrics["protocol_errors"] += 1
+        if self.ingress.metrics is not None:
+            self.ingress.metrics.protocol_error()
         self.abort()
         if self.session is not None:
             self.session.on_caller_gone(f"protocol-error: {why}")
 
-    # -- output (used by the session)
+    def _rate_changed(self, rate: int, session: Call) -> None:
+        # Answer in the kind Asterisk speaks: frames of another kind would be played at the wrong pitch.
+        self._rate = rate
+        self._header = header_for(rate)
+        session.on_caller_rate(rate)
 
-    @staticmethod
-    def header_for(rate: int) -> bytes:
-        kind = asp.audio_kind_for_rate(rate)
-        n = asp.frame_bytes(rate)
-        return bytes((kind, n >> 8, n & 0xFF))
+    # -- the CallerLeg (used by the session)
 
-    def write_frame(self, header: bytes, payload: bytes) -> bool:
+    @property
+    def rate(self) -> int:
+        return self._rate
+
+    def send_frame(self, pcm: bytes) -> bool:
         """One whole frame in one write. False if dropped (closed, or Asterisk not reading)."""
         t = self.transport
         if self.closed or t is None or t.is_closing():
             return False
         if t.get_write_buffer_size() > WRITE_BACKLOG_LIMIT:
             return False
-        t.write(header + payload)
+        t.write(self._header + pcm)
         return True
 
     def hangup(self) -> None:
@@ -170,10 +217,11 @@ class AudioSocketConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def start_server(bridge: Bridge, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+async def start_server(ingress: AudioSocketIngress, host: str, port: int, *,
+                       reuse_port: bool = False) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     try:
-        return await loop.create_server(lambda: AudioSocketConnection(bridge), host, port,
+        return await loop.create_server(lambda: AudioSocketConnection(ingress), host, port,
                                         reuse_address=True, reuse_port=reuse_port or None, backlog=1024)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for AudioSocket on {host}:{port}: {exc.strerror}") from None

@@ -1,7 +1,7 @@
 """One call: the single owner of everything about it.
 
-A :class:`CallSession` is created when an AudioSocket connection delivers its UUID and owns,
-until the call ends: the connection, the gateway session, the playout buffer (registered on
+A :class:`CallSession` is created when a caller's leg (bridge/leg.py; an AudioSocket connection
+today) delivers its UUID and owns, until the call ends: the leg, the gateway session, the playout buffer (registered on
 the process-wide clock), both resamplers, the tool router and its tasks, and the timers.
 Every way a call ends — caller hangs up, gateway hangs up, AI ends it, error, fallback,
 max duration, shutdown — goes through :meth:`CallSession.end`, which tears all of it down
@@ -9,7 +9,8 @@ once, in order, and publishes ``call.ended``. Nothing outlives its call; tests c
 
 Media path (per 20 ms, per call):
   caller → ``on_caller_audio`` → resample → ``Gateway.send_audio`` (queued, non-blocking)
-  gateway → ``AudioOut`` → resample → :class:`PlayoutBuffer` → clock tick → ``on_tick`` → caller
+  gateway → ``AudioOut`` → resample → :class:`PlayoutBuffer` → clock tick → ``on_tick``
+  → ``CallerLeg.send_frame`` → caller
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import collections
 import logging
 import time
 import wave
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from tools.base import CallControl, ChannelInfo
+from tools.base import ChannelInfo, ToolRegistry
 from tools.router import ToolOutcome, ToolRouter
 
-from .config import Profile
+from .calls import CallSettings, EventPublisher
+from .config import Config, Fallback, Profile
 from .gateway.base import (
     AudioOut,
     ClearPlayback,
@@ -38,12 +41,10 @@ from .gateway.base import (
     ToolCall,
     Transcript,
 )
+from .leg import CallerLeg
 from .playout import PlayoutBuffer
 from .resample import Resampler
-
-if TYPE_CHECKING:
-    from .app import Bridge
-    from .server import AudioSocketConnection
+from .state import FINISHING, CallState, CallStateMachine, InvalidTransition
 
 log = logging.getLogger("voxbridge.call")
 
@@ -62,39 +63,95 @@ DOWNLINK_SLICE_S = 0.004
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
 
 
-@dataclass
-class CallSettings:
-    """Per-call choices, from (in order) the API request, the dialplan, the defaults."""
+__all__ = ["CallServices", "CallSession", "CallSettings"]
 
-    profile: str | None = None
-    variables: dict[str, str] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[str, Any] = field(default_factory=dict)  # prompt, first_message, voice, …
-    channel: ChannelInfo | None = None
-    direction: str = "inbound"
-    refuse: str | None = None  # set to refuse the call (unknown UUID under a strict policy)
+# --------------------------------------------------------------------------- what a call needs
+# The session receives these, never the whole bridge: bridge/app.py builds one CallServices and
+# every call shares it. Each is a Protocol; what implements it is the wiring's business.
 
 
-class CallSession(CallControl):
-    def __init__(self, bridge: Bridge, call_uuid: str, conn: AudioSocketConnection) -> None:
-        self.bridge = bridge
+class PlayoutClock(Protocol):
+    """The process-wide 20 ms tick (bridge/playout.py): calls ``on_tick`` of every sink."""
+
+    def add(self, sink: Any) -> None: ...
+
+    def remove(self, sink: Any) -> None: ...
+
+
+class SettingsResolver(Protocol):
+    """Profile, variables and channel of a call: API request, then dialplan, then defaults
+    (bridge/telephony.py)."""
+
+    async def resolve_settings(self, call: CallSession) -> CallSettings: ...
+
+
+class GatewayFactory(Protocol):
+    """A new gateway adapter for this call (bridge/gateway/factory.py)."""
+
+    def __call__(self, call: CallSession) -> Gateway: ...
+
+
+class FallbackTelephony(Protocol):
+    """The Asterisk side of a fallback: transfer to a human, hang up, or back to the dialplan."""
+
+    async def apply_fallback(self, call: CallSession, fallback: Fallback) -> None: ...
+
+
+class CallRegistryHooks(Protocol):
+    """The call registry (bridge/calls.py): told once the call's teardown is done."""
+
+    def ended(self, call: CallSession) -> None: ...
+
+
+class TaskWatcher(Protocol):
+    """Logs and counts a crash of a task that must not fail (bridge/supervise.py)."""
+
+    def watch(self, task: asyncio.Task[Any], name: str, on_crash: Callable[[BaseException], None]) -> Any: ...
+
+
+class CallMetrics(Protocol):
+    """The counters a call bumps (bridge/metrics.py)."""
+
+    def call_refused(self) -> None: ...
+
+    def tool_completed(self, outcome: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallServices:
+    """Everything a call uses that outlives it."""
+
+    config: Config
+    clock: PlayoutClock
+    events: EventPublisher
+    tools: ToolRegistry
+    gateways: GatewayFactory
+    settings: SettingsResolver
+    fallbacks: FallbackTelephony
+    registry: CallRegistryHooks
+    supervisor: TaskWatcher
+    metrics: CallMetrics
+
+
+class CallSession:  # implements tools.base.CallControl (structurally)
+    def __init__(self, services: CallServices, call_uuid: str, leg: CallerLeg) -> None:
+        self.services = services
         self.call_id = call_uuid
-        self.conn = conn
+        self.leg = leg
         self.started_at = time.time()
         self._t0 = time.monotonic()
         self.log = logging.LoggerAdapter(log, {"call": call_uuid})
-        cfg = bridge.config
+        cfg = services.config
         self.profile_name = cfg.default_profile
         self.profile: Profile = cfg.profile(None)
         self.variables: dict[str, str] = {}
         self.metadata: dict[str, Any] = {}
         self.direction = "inbound"
         self._channel: ChannelInfo | None = None
-        # Media state. The caller's rate is learnt from the first audio frame's kind; until then
-        # silence goes out at 8 kHz (what the AudioSocket() app always uses).
-        self.caller_rate = 8000
-        self.playout = PlayoutBuffer(8000, cfg.audiosocket.playout_max_seconds)
-        self._header = conn.header_for(8000)
+        # Media state. The leg tells the caller's rate (AudioSocket learns it from the first audio
+        # frame's kind, and says so through on_caller_rate).
+        self.caller_rate = leg.rate
+        self.playout = PlayoutBuffer(self.caller_rate, cfg.audiosocket.playout_max_seconds)
         self._up: Resampler | None = None
         self._down: Resampler | None = None
         self.gateway: Gateway | None = None
@@ -104,16 +161,20 @@ class CallSession(CallControl):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._finisher: asyncio.Task[None] | None = None
-        self._ending_after_speech = False
+        self._fsm = CallStateMachine(call_uuid)
         self._handoff: str | None = None
         self.end_reason: str | None = None
         self.ended = asyncio.Event()
         self.transcript: list[dict[str, Any]] = []
-        self.stats = collections.Counter()
-        self.answered = False
+        self.stats: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
-        return f"<CallSession {self.call_id}>"
+        return f"<CallSession {self.call_id} {self._fsm.state.name}>"
+
+    @property
+    def state(self) -> CallState:
+        """Where the call is in its life (bridge/state.py has the states and their transitions)."""
+        return self._fsm.state
 
     # ------------------------------------------------------------------ CallControl
 
@@ -153,23 +214,27 @@ class CallSession(CallControl):
         seconds for more speech (the AI's goodbye after an ``end_call`` result); ``tail=0``
         when nothing more can come (the gateway hung up).
         """
-        if self.end_reason is not None or self._ending_after_speech and after_speech:
+        state = self._fsm.state
+        if state in FINISHING or (after_speech and state is CallState.DRAINING):
             return
         # Never raises: it is called from protocol callbacks, the clock, done-callbacks and
         # tools, none of which can do anything useful with an exception from here.
         try:
             loop = asyncio.get_running_loop()  # before any coroutine is created: none is left unawaited
             if after_speech:
-                self._ending_after_speech = True
+                self._fsm.to(CallState.DRAINING)
                 self.spawn(self._end_after_speech(reason, tail), "end-after-speech")
                 return
             self.end_reason = reason
+            self._fsm.to(CallState.ENDING)
             self._finisher = loop.create_task(self._finish(), name=f"call-finish-{self.call_id}")
             # _finish does not raise by design; if it ever does, the supervisor logs it with its
             # traceback and counts it (never "Task exception was never retrieved"), and the call
             # is released anyway.
-            self.bridge.supervisor.watch(self._finisher, "call-teardown", self._teardown_crashed)
-        except Exception:  # noqa: BLE001 - e.g. no running loop: tear down what can be without one
+            self.services.supervisor.watch(self._finisher, "call-teardown", self._teardown_crashed)
+        except InvalidTransition:
+            raise  # only raised under tests (bridge/state.py): a bug to see, not to survive
+        except Exception:
             self.log.exception("cannot schedule the end of the call (%s): releasing it at once", reason)
             self.end_reason = self.end_reason or reason
             self._release_now()
@@ -191,21 +256,22 @@ class CallSession(CallControl):
 
     def start(self) -> None:
         """Called as the UUID arrives: silence starts flowing now (asterisk/asterisk#2089)."""
-        self.bridge.clock.add(self)
+        self.services.clock.add(self)
         self.spawn(self._run(), "call")
 
     async def _run(self) -> None:
-        bridge = self.bridge
-        settings = await bridge.resolve_settings(self)
+        services = self.services
+        settings = await services.settings.resolve_settings(self)
         if settings.refuse:
             self.log.warning("refused: %s", settings.refuse)
-            self.bridge.metrics["calls_refused"] += 1
+            services.metrics.call_refused()
             self.end("refused: " + settings.refuse)
             return
         self._apply_settings(settings)
         self._publish("call.started", self.call_id, **self._summary())
-        if self.end_reason is not None:
+        if self._fsm.state in FINISHING:
             return
+        self._fsm.to(CallState.CONNECTING)
         profile = self.profile
         prompt, missing = profile.render_prompt({"call_id": self.call_id, **self.variables},
                                                 template=settings.overrides.get("prompt"))
@@ -220,13 +286,13 @@ class CallSession(CallControl):
             first_message=settings.overrides.get("first_message", profile.first_message),
             farewell_message=settings.overrides.get("farewell_message", profile.farewell_message),
             max_duration=profile.max_duration,
-            tools=bridge.tools.specs(profile.tools),
+            tools=services.tools.specs(profile.tools),
         )
-        gateway = bridge.make_gateway(self)
+        gateway = services.gateways(self)
         self.router = ToolRouter(
-            bridge.tools, self, gateway.send_tool_result,
+            services.tools, self, gateway.send_tool_result,
             allowed=list(profile.tools) + [a.tool for a in profile.dtmf.values()],
-            deadline=bridge.config.tool_deadline, max_concurrent=bridge.config.tool_concurrency,
+            deadline=services.config.tool_deadline, max_concurrent=services.config.tool_concurrency,
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
         try:
@@ -241,7 +307,8 @@ class CallSession(CallControl):
             await gateway.close()
             raise
         self.gateway = gateway
-        self.answered = True
+        if self._fsm.state is CallState.CONNECTING:  # not if already ending (after speech, or at all)
+            self._fsm.to(CallState.ACTIVE)
         self._publish("call.answered", self.call_id, profile=self.profile_name)
         self._init_uplink()
         # Held at the caller's rate while connecting: resample now, through the call's own
@@ -254,7 +321,7 @@ class CallSession(CallControl):
         await self._downlink(gateway)
 
     def _apply_settings(self, s: CallSettings) -> None:
-        cfg = self.bridge.config
+        cfg = self.services.config
         name = s.profile or cfg.default_profile
         if name not in cfg.profiles:
             self.log.warning("profile %r does not exist; using %r", name, cfg.default_profile)
@@ -272,7 +339,7 @@ class CallSession(CallControl):
     def _publish(self, type: str, call_id: str, **data: Any) -> None:
         """Publish a call event; every event echoes the call's metadata (from the API request)."""
         data.setdefault("metadata", dict(self.metadata))
-        self.bridge.events.publish(type, call_id, **data)
+        self.services.events.publish(type, call_id, **data)
 
     def _summary(self) -> dict[str, Any]:
         ctx = self.context()
@@ -281,11 +348,10 @@ class CallSession(CallControl):
 
     # ------------------------------------------------------------------ media
 
-    def on_caller_audio(self, rate: int, pcm: bytes) -> None:
-        """A frame from Asterisk (called from the connection's data_received)."""
-        if rate != self.caller_rate:
-            self._set_caller_rate(rate)
+    def on_caller_audio(self, pcm: bytes) -> None:
+        """A frame from the caller, at :attr:`caller_rate` (called from the leg, e.g. data_received)."""
         self.stats["frames_in"] += 1
+        # end_reason is set exactly as the call moves to ENDING: one load per frame, not a set lookup.
         if self.end_reason is not None:
             return
         gw = self.gateway
@@ -295,11 +361,11 @@ class CallSession(CallControl):
         up = self._up
         gw.send_audio(up.process(pcm) if up is not None else pcm)
 
-    def _set_caller_rate(self, rate: int) -> None:
+    def on_caller_rate(self, rate: int) -> None:
+        """The leg's rate changed (before the first frame at the new rate)."""
         self.log.info("caller audio at %d Hz", rate)
         self.caller_rate = rate
-        self.playout = PlayoutBuffer(rate, self.bridge.config.audiosocket.playout_max_seconds)
-        self._header = self.conn.header_for(rate)
+        self.playout = PlayoutBuffer(rate, self.services.config.audiosocket.playout_max_seconds)
         self._preconnect.clear()
         if self.gateway is not None:
             self._init_uplink()
@@ -312,7 +378,7 @@ class CallSession(CallControl):
     def on_tick(self) -> None:
         """The clock's 20 ms tick: exactly one frame to the caller."""
         frame = self.playout.pop()
-        if self.conn.write_frame(self._header, frame):
+        if self.leg.send_frame(frame):
             self.stats["frames_out"] += 1
         else:
             self.stats["frames_out_dropped"] += 1
@@ -362,7 +428,8 @@ class CallSession(CallControl):
             elif isinstance(event, RemoteError):
                 await self._on_gateway_error(event.message)
             elif isinstance(event, Closed):
-                if self.end_reason is None and not self._ending_after_speech:
+                state = self._fsm.state
+                if state not in FINISHING and state is not CallState.DRAINING:
                     if event.clean:
                         self.end("gateway-closed", after_speech=True, tail=0)
                     else:
@@ -381,8 +448,9 @@ class CallSession(CallControl):
 
     async def _fallback(self, why: str) -> None:
         """The gateway failed: never leave the caller in dead air."""
-        if self.end_reason is not None:
+        if self._fsm.state in FINISHING:
             return
+        self._fsm.to(CallState.FALLING_BACK)
         fb = self.profile.fallback
         self.log.warning("fallback (%s) because %s", fb.action, why)
         if self.gateway is not None:
@@ -394,7 +462,7 @@ class CallSession(CallControl):
                 await self.wait_playout(30.0)
             except (OSError, ValueError, wave.Error) as exc:
                 self.log.error("fallback message %s cannot be played: %s", fb.message_wav, exc)
-        await self.bridge.apply_fallback(self, fb)
+        await self.services.fallbacks.apply_fallback(self, fb)
         self.end("fallback:" + why)
 
     async def _end_after_speech(self, reason: str, tail: float) -> None:
@@ -413,8 +481,7 @@ class CallSession(CallControl):
                         break
         except TimeoutError:
             self.log.info("ending mid-speech: the AI was still talking after %.0f s", SPEECH_WAIT_MAX_S)
-        self._ending_after_speech = False
-        self.end(reason)
+        self.end(reason)  # DRAINING (or FALLING_BACK since) → ENDING; nothing if already ending
 
     def _max_duration(self) -> None:
         self.log.warning("max duration %d s (+%.0f s grace) reached; the bridge ends the call",
@@ -434,7 +501,7 @@ class CallSession(CallControl):
         self._handoff = reason
 
     def on_caller_gone(self, why: str) -> None:
-        """The AudioSocket connection closed (caller hung up, redirect, or protocol error)."""
+        """The caller's leg is gone (caller hung up, redirect, or protocol error)."""
         self.end(self._handoff if self._handoff and why == "caller-hangup" else why)
 
     # ------------------------------------------------------------------ tools → events
@@ -444,7 +511,7 @@ class CallSession(CallControl):
                                    args=o.args, origin=o.origin)
 
     def _tool_completed(self, o: ToolOutcome) -> None:
-        self.bridge.metrics["tool_" + o.outcome] += 1
+        self.services.metrics.tool_completed(o.outcome, o.duration_ms / 1000)
         self._publish("tool.completed", self.call_id, tool=o.name, tool_call_id=o.call_id,
                                    outcome=o.outcome, result=o.result, duration_ms=round(o.duration_ms, 1),
                                    origin=o.origin)
@@ -464,20 +531,20 @@ class CallSession(CallControl):
         try:
             await self._teardown(reason)
         finally:
-            # 0x00 ends the AudioSocket() app cleanly and the dialplan continues at the next
-            # priority; if even that fails, the connection is dropped (Asterisk then continues too).
-            if not self._guard("sending the caller the hangup frame", self.conn.hangup):
-                self._guard("closing the caller's connection", self.conn.abort)
+            # The leg's hangup (AudioSocket: 0x00) ends the AudioSocket() app cleanly and the dialplan
+            # continues at the next priority; if even that fails, the leg is dropped (Asterisk continues too).
+            if not self._guard("sending the caller the hangup frame", self.leg.hangup):
+                self._guard("closing the caller's connection", self.leg.abort)
             duration = time.monotonic() - self._t0
-            self._guard("deregistering the call", self.bridge.session_ended, self)
+            self._guard("deregistering the call", self.services.registry.ended, self)
             self._guard("publishing call.ended", self._publish_ended, reason, duration)
-            self.ended.set()
+            self._mark_ended()
             self.log.info("call ended: %s after %.1f s (in %d / out %d frames)", reason, duration,
                           self.stats["frames_in"], self.stats["frames_out"])
 
     async def _teardown(self, reason: str) -> None:
         self.log.info("call ending: %s", reason)
-        self._guard("removing the call from the playout clock", self.bridge.clock.remove, self)
+        self._guard("removing the call from the playout clock", self.services.clock.remove, self)
         if self._timer is not None:
             self._timer.cancel()
         me = asyncio.current_task()
@@ -507,7 +574,7 @@ class CallSession(CallControl):
         try:
             fn(*args)
             return True
-        except Exception:  # noqa: BLE001 - one broken step must not leave the call half torn down
+        except Exception:
             self.log.exception("teardown: %s failed", step)
             self.stats["teardown_errors"] += 1
             return False
@@ -520,7 +587,7 @@ class CallSession(CallControl):
             return True
         except TimeoutError:
             self.log.warning("teardown: %s did not finish within %g s", step, timeout)
-        except Exception:  # noqa: BLE001 - see _guard
+        except Exception:
             self.log.exception("teardown: %s failed", step)
             self.stats["teardown_errors"] += 1
         return False
@@ -544,16 +611,22 @@ class CallSession(CallControl):
 
     def _release_now(self) -> None:
         """Last resort, synchronous: stop the frames, drop the caller, free the slot, signal the end."""
-        self._guard("removing the call from the playout clock", self.bridge.clock.remove, self)
-        self._guard("closing the caller's connection", self.conn.abort)
-        self._guard("deregistering the call", self.bridge.session_ended, self)
+        self._guard("removing the call from the playout clock", self.services.clock.remove, self)
+        self._guard("closing the caller's connection", self.leg.abort)
+        self._guard("deregistering the call", self.services.registry.ended, self)
+        self._mark_ended()
+
+    def _mark_ended(self) -> None:
+        if self._fsm.state is not CallState.ENDED:
+            if self._fsm.state is not CallState.ENDING:  # released without a scheduled teardown
+                self._fsm.to(CallState.ENDING)
+            self._fsm.to(CallState.ENDED)
         self.ended.set()
 
     def info(self) -> dict[str, Any]:
         return {
             "call_id": self.call_id,
-            "state": "ended" if self.ended.is_set() else ("ending" if self.end_reason else
-                                                          ("active" if self.answered else "connecting")),
+            "state": self._api_state(),
             "started_at": self.started_at,
             "duration_s": round(time.monotonic() - self._t0, 3),
             **self._summary(),
@@ -562,6 +635,22 @@ class CallSession(CallControl):
             "transcript": list(self.transcript),
             "end_reason": self.end_reason,
         }
+
+    def _api_state(self) -> str:
+        """The API's word for the state (connecting / active / ending / ended).
+
+        Draining and falling back are still "active" once the gateway answered, "connecting" before.
+        """
+        state = self._fsm.state
+        if state is CallState.ENDED:
+            return "ended"
+        if state is CallState.ENDING:
+            return "ending"
+        if state is CallState.ACTIVE:
+            return "active"
+        if state in (CallState.RESOLVING, CallState.CONNECTING):
+            return "connecting"
+        return "active" if self.gateway is not None else "connecting"
 
 
 def _load_wav(path: Any, rate: int) -> bytes:

@@ -25,6 +25,10 @@ from pathlib import PurePath
 
 import pytest
 
+# An invalid call-state transition (bridge/state.py) is a bug: raise it in tests, in this
+# process and in the bridges tests start as child processes. Production logs it instead.
+os.environ.setdefault("VOXBRIDGE_STRICT_STATE", "1")
+
 E2E_MARKER = "e2e"
 #: Lines of a long skip reason shown once in the details (e.g. the tail of sandbox.sh's stderr).
 DETAIL_LINES = 30

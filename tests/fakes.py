@@ -43,3 +43,47 @@ class FakeCall:
         return {"call_id": self.call_id, "profile": self.profile_name, "direction": self.direction,
                 "caller": self.caller, "caller_name": self.caller_name, "called": self.called,
                 "channel": self.channel_name, "variables": dict(self.variables), "metadata": dict(self.metadata)}
+
+
+class MemoryLeg:
+    """A ``bridge.leg.CallerLeg`` in memory: a caller with no socket at all.
+
+    The test feeds the caller's side with :meth:`say`, :meth:`press` and :meth:`hang_up`, and
+    reads what the call played in :attr:`frames`. It proves a second ingress is a second
+    implementation of the leg, not a fork of the session (tests/integration/test_caller_leg.py).
+    """
+
+    def __init__(self, rate: int = 8000) -> None:
+        self.rate = rate
+        self.listener: Any = None  # the session, once the call is open
+        self.frames: list[bytes] = []
+        self.hung_up = False
+        self.aborted = False
+
+    # -- the CallerLeg
+
+    def send_frame(self, pcm: bytes) -> bool:
+        if self.hung_up or self.aborted:
+            return False
+        self.frames.append(pcm)
+        return True
+
+    def hangup(self) -> None:
+        self.hung_up = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    # -- the caller's side
+
+    def say(self, pcm: bytes) -> None:
+        """Deliver ``pcm`` (s16le at :attr:`rate`) in 20 ms frames, as a leg does."""
+        n = self.rate * 2 // 50
+        for i in range(0, len(pcm) - n + 1, n):
+            self.listener.on_caller_audio(pcm[i:i + n])
+
+    def press(self, digit: str) -> None:
+        self.listener.on_dtmf(digit)
+
+    def hang_up(self) -> None:
+        self.listener.on_caller_gone("caller-hangup")

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from bridge.ami_protocol import AmiError, control_character
 
-from .base import CallControl, ChannelInfo, Tool, ToolError
+from .base import AFTER_SPEECH, END_REASON, CallControl, ChannelInfo, Tool, ToolError, arguments, text
 
 if TYPE_CHECKING:
     from bridge.ami import AmiClient
@@ -197,16 +198,12 @@ class TransferTool(_AmiTool):
         "Transfer the caller to another extension (for example a human operator or a department). "
         "Tell the caller you are transferring them first; the transfer happens after your current sentence."
     )
-    parameters = {
-        "type": "object",
-        "properties": {
-            "extension": {"type": "string", "description": "the extension to transfer to, e.g. 100"},
-            "context": {"type": "string", "description": "the dialplan context, if more than one is allowed"},
-            "after_speech": {"type": "boolean", "description": "finish the current sentence first (default true)"},
-        },
-        "required": ["extension"],
-        "additionalProperties": False,
-    }
+    parameters = arguments(
+        ["extension"],
+        extension=text("the extension to transfer to, e.g. 100"),
+        context=text("the dialplan context, if more than one is allowed"),
+        after_speech=AFTER_SPEECH,
+    )
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> dict[str, str]:
         context, exten = self.telephony.check_transfer(call, args["extension"].strip(), args.get("context"))
@@ -225,14 +222,7 @@ class HangupTool(_AmiTool):
     description = (
         "Hang up the phone call. Say goodbye first: by default the call ends after your current sentence."
     )
-    parameters = {
-        "type": "object",
-        "properties": {
-            "after_speech": {"type": "boolean", "description": "finish the current sentence first (default true)"},
-            "reason": {"type": "string", "description": "why the call ends, for the call record"},
-        },
-        "additionalProperties": False,
-    }
+    parameters = arguments(after_speech=AFTER_SPEECH, reason=END_REASON)
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> str:
         if args.get("after_speech", True):
@@ -252,12 +242,7 @@ class OriginateTool(_AmiTool):
         "Place a new phone call to an allowed number or extension and report whether it was answered, "
         "busy, or not answered. Only destinations the operator allowed can be called."
     )
-    parameters = {
-        "type": "object",
-        "properties": {"destination": {"type": "string", "description": "the number or extension to call"}},
-        "required": ["destination"],
-        "additionalProperties": False,
-    }
+    parameters = arguments(["destination"], destination=text("the number or extension to call"))
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> dict[str, str]:
         t = self.telephony
@@ -275,13 +260,7 @@ class OriginateTool(_AmiTool):
 class SendDtmfTool(_AmiTool):
     name = "send_dtmf"
     description = "Send DTMF tones (keypad digits) on the call, e.g. to navigate another system's menu."
-    parameters = {
-        "type": "object",
-        "properties": {"digits": {"type": "string", "pattern": DTMF_RE.pattern,
-                                  "description": "digits to send: 0-9, *, #, A-D"}},
-        "required": ["digits"],
-        "additionalProperties": False,
-    }
+    parameters = arguments(["digits"], digits=text("digits to send: 0-9, *, #, A-D", pattern=DTMF_RE.pattern))
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> str:
         await self.telephony.play_dtmf(call, args["digits"])

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import abc
 import contextvars
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import jsonschema
-
 
 #: The id of the tool call being run (set by the router in each tool's task): HTTP tools send it
 #: as an idempotency key, so a workflow that is retried can recognise the same request.
@@ -42,10 +42,19 @@ class ChannelInfo:
 class CallControl(Protocol):
     """What a running tool can see of, and do to, its call (implemented by the session)."""
 
-    call_id: str
-    profile_name: str
-    variables: Mapping[str, str]
-    metadata: Mapping[str, Any]
+    # Read-only members (properties), so that a call whose attributes are plain, more specific
+    # or mutable types (dict rather than Mapping) still satisfies the protocol.
+    @property
+    def call_id(self) -> str: ...
+
+    @property
+    def profile_name(self) -> str: ...
+
+    @property
+    def variables(self) -> Mapping[str, str]: ...
+
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
 
     @property
     def channel(self) -> ChannelInfo | None: ...
@@ -65,6 +74,32 @@ class CallControl(Protocol):
 
     def context(self) -> dict[str, Any]:
         """The call context sent to external tools (caller, called, channel, profile, metadata)."""
+
+
+def arguments(required: Sequence[str] = (), **properties: dict[str, Any]) -> dict[str, Any]:
+    """A tool's ``parameters``: a JSON Schema object with these properties and nothing else
+    (``additionalProperties: false``: an argument the AI invents is an error it is told about)."""
+    schema: dict[str, Any] = {"type": "object", "properties": {k: dict(v) for k, v in properties.items()}}
+    if required:
+        schema["required"] = list(required)
+    schema["additionalProperties"] = False
+    return schema
+
+
+def text(description: str, **more: Any) -> dict[str, Any]:
+    """A string argument."""
+    return {"type": "string", "description": description, **more}
+
+
+def flag(description: str) -> dict[str, Any]:
+    """A boolean argument."""
+    return {"type": "boolean", "description": description}
+
+
+#: The reason an AI gives for ending a call (kept in the call record).
+END_REASON = text("why the call ends, for the call record")
+#: "After your current sentence", the default of every tool that ends or moves a call.
+AFTER_SPEECH = flag("finish the current sentence first (default true)")
 
 
 class Tool(abc.ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import CallControl, Tool
+from .base import END_REASON, CallControl, Tool, arguments
 
 
 class EndCall(Tool):
@@ -15,11 +15,7 @@ class EndCall(Tool):
         "End the phone call. Use it when the caller says goodbye or the conversation is finished. "
         "Say your goodbye first: the call ends after you finish your current sentence."
     )
-    parameters = {
-        "type": "object",
-        "properties": {"reason": {"type": "string", "description": "why the call ends, for the call record"}},
-        "additionalProperties": False,
-    }
+    parameters = arguments(reason=END_REASON)
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> str:
         call.end("ai:" + (args.get("reason") or "end_call"), after_speech=True)

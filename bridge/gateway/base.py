@@ -2,14 +2,18 @@
 
 A session talks to "a gateway" only through :class:`Gateway`; which protocol is on the wire
 (AillomVox today, others through further adapters) is the adapter's business. Events are
-plain dataclasses: the adapter parses and validates, the session only dispatches.
+plain dataclasses: the adapter parses and validates, the session only dispatches. Which adapter
+a call gets is decided in one place, bridge/gateway/factory.py, so a second protocol is a new
+adapter there and no change to the session. Adapters never run tools: a :class:`ToolCall` goes
+to the session's router, and its answer comes back through :meth:`Gateway.send_tool_result`.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Union
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +79,7 @@ class Closed:
     clean: bool
 
 
-GatewayEvent = Union[AudioOut, Transcript, ToolCall, ClearPlayback, RemoteHangup, RemoteError, Closed]
+GatewayEvent = AudioOut | Transcript | ToolCall | ClearPlayback | RemoteHangup | RemoteError | Closed
 
 
 class GatewayError(Exception):

@@ -10,8 +10,8 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config
-from bridge.dial import AudioSocketCaller
-from bridge.gateway.sim import GatewaySim
+from bridge.devtools.dial import AudioSocketCaller
+from bridge.devtools.gateway_sim import GatewaySim
 
 API_KEY = "test-key-0123"
 

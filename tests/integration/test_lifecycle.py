@@ -10,13 +10,12 @@ released (0x00, so the dialplan continues), its slot is freed, and every other c
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import numpy as np
 import pytest
 
-from bridge.dial import analyse, tone, write_wav
+from bridge.devtools.dial import analyse, tone, write_wav
 from bridge.gateway.aillomvox import CLOSE_TIMEOUT_S, AillomVoxGateway
 
 from .conftest import API_KEY, accepted
@@ -74,7 +73,7 @@ def _caller_hangup_raises(bridge, sim, session, monkeypatch) -> None:
     def hangup():
         raise RuntimeError("injected: hangup frame failed")
 
-    monkeypatch.setattr(session.conn, "hangup", hangup)
+    monkeypatch.setattr(session.leg, "hangup", hangup)
 
 
 def _call_ended_publish_raises(bridge, sim, session, monkeypatch) -> None:
@@ -144,11 +143,11 @@ async def test_a_call_whose_playout_raises_ends_and_the_others_keep_their_pacing
     session = await call_of(bridge, victim)
     assert await other.wait_audio(320 * 10, timeout=5)
 
-    def broken_write(header: bytes, payload: bytes) -> bool:
+    def broken_write(pcm: bytes) -> bool:
         raise RuntimeError("injected: playout write failed")
 
     t_fault = time.monotonic()
-    session.conn.write_frame = broken_write  # its on_tick now raises on the next tick
+    session.leg.send_frame = broken_write  # its on_tick now raises on the next tick
     # The call ends (the old clock only dropped it: the caller sat in silence, the call lingered).
     assert await victim.wait_ended(5) == "hangup-frame"  # 0x00: the dialplan continues
     async with asyncio.timeout(5):

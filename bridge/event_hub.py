@@ -1,0 +1,60 @@
+"""Call events: one bus, feeding the call history, the webhooks and the API's live stream.
+
+Sessions and the outbound dialer publish on the :class:`~bridge.events.EventBus`; this part
+owns what the bus feeds: the call-history store (bridge/store.py), the webhook dispatcher
+(bridge/webhooks.py, with its own HTTP client: the tools' client carries tool-specific defaults),
+and, through :meth:`EventBus.subscribe`, the API's ``/v1/events`` stream. It starts them in
+order (the dispatcher reads its subscriptions from the store) and closes them in reverse, after
+the calls, so every call's ``call.ended`` gets a chance to go out.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from .config import Config
+from .egress import EgressPolicy
+from .events import EventBus
+from .store import CallStore
+from .supervise import Supervisor
+from .webhooks import WebhookDispatcher
+
+#: 6 attempts, waits of 2+4+8+16+30 s: a subscriber down for about a minute misses nothing.
+WEBHOOK_ATTEMPTS = 6
+WEBHOOK_BACKOFF_BASE_S = 2.0
+
+
+class EventHub:
+    def __init__(self, config: Config, supervisor: Supervisor, bus: EventBus | None = None) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.bus = bus or EventBus()
+        self.store: CallStore | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
+                               supervisor=self.supervisor)
+        await self.store.start()
+        self.bus.add_sink(self.store.record)
+        self._http = httpx.AsyncClient(follow_redirects=False, timeout=10.0)
+        self.webhooks = WebhookDispatcher(self.store, self._http, max_attempts=WEBHOOK_ATTEMPTS,
+                                          backoff_base=WEBHOOK_BACKOFF_BASE_S,
+                                          policy=EgressPolicy(cfg.allow.webhooks), max_webhooks=cfg.api.max_webhooks,
+                                          supervisor=self.supervisor)
+        await self.webhooks.start()
+        self.bus.add_sink(self.webhooks.offer)
+
+    async def close(self) -> None:
+        """Webhooks first (they may still read the store), then the store, then the client."""
+        if self.webhooks is not None:
+            await self.webhooks.close()
+            self.webhooks = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
