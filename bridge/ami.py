@@ -31,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from .ami_protocol import (
     ActionCompleted,
@@ -233,7 +234,7 @@ class AmiClient:
         if self._on_fault is not None:
             try:
                 self._on_fault(exc)
-            except Exception:  # noqa: BLE001 - counting must not become a second failure
+            except Exception:  # deliberately broad: counting must not become a second failure
                 log.exception("AMI on_fault callback failed")
 
     # ------------------------------------------------------------------ connection

@@ -29,8 +29,9 @@ import itertools
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Union
+from typing import Any
 
 log = logging.getLogger("voxbridge.ami")
 
@@ -99,7 +100,7 @@ class AmiMessage:
         return out
 
     def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in self.fields}
+        return dict(self.fields)
 
     def __repr__(self) -> str:
         return f"AmiMessage({self.fields!r})"
@@ -159,7 +160,7 @@ class AmiParser:
 
 # ---------------------------------------------------------------------------------- encoding
 
-FieldValue = Union[str, int, bool, Iterable[str], Mapping[str, Any], None]
+FieldValue = str | int | bool | Iterable[str] | Mapping[str, Any] | None
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 #: Asterisk variable names (``__`` prefixes for inheritance included).
@@ -205,9 +206,9 @@ def encode_action(action: str, action_id: str, fields: Mapping[str, FieldValue])
     Raises :class:`AmiFieldError` (a ValueError) for a control character in any key or value,
     a key that is not a plain header name, or a variable name Asterisk would misread.
     """
-    for key, value in (("Action", action), ("ActionID", action_id)):
-        _check(key, value)
-        if not value:
+    for key, text in (("Action", action), ("ActionID", action_id)):
+        _check(key, text)
+        if not text:
             raise AmiFieldError(f"AMI field {key!r} is empty")
     lines = [f"Action: {action}", f"ActionID: {action_id}"]
     for key, value in fields.items():
@@ -285,7 +286,7 @@ class ConnectionDead:
     reason: str
 
 
-Outcome = Union[ActionCompleted, ActionFailed, EventReceived, LoggedIn, ConnectionDead]
+Outcome = ActionCompleted | ActionFailed | EventReceived | LoggedIn | ConnectionDead
 
 _USER, _LOGIN, _PING = "action", "login", "ping"
 

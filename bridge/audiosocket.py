@@ -7,7 +7,7 @@ AudioSocket is Asterisk's plain-TCP media protocol. Every message is a TLV::
 Audio payloads are signed 16-bit little-endian mono PCM at the rate the kind names.
 This module turns bytes into :class:`Frame` objects and back, with no sockets and no
 asyncio, so it can be tested exhaustively (and fuzzed) without a network. The I/O
-layers (:mod:`bridge.server`, :mod:`bridge.dial`) wrap it.
+layers (:mod:`bridge.server`, :mod:`bridge.devtools.dial`) wrap it.
 
 Facts checked against Asterisk 22 (res/res_audiosocket.c): the UUID is 16 raw bytes,
 DTMF is one ASCII byte, audio must be non-empty and even-length, the maximum payload

@@ -111,13 +111,13 @@ class ChannelTracker:
         event = msg.event or ""
         if event == "Hangup":
             uid = msg.get("Uniqueid")
-            for key, info in list(self._by_uuid.items()):
+            for gone, info in list(self._by_uuid.items()):
                 if info.uniqueid == uid:
-                    del self._by_uuid[key]
-                    self._authoritative.discard(key)
+                    del self._by_uuid[gone]
+                    self._authoritative.discard(gone)
             return
         if event == "Newexten":
-            key = uuid_from_app(msg.get("Application"), msg.get("AppData"))
+            key: str | None = uuid_from_app(msg.get("Application"), msg.get("AppData"))
             if key:
                 self._record(key, snapshot(msg), authoritative=True)
                 return

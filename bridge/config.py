@@ -46,12 +46,21 @@ import ipaddress
 import os
 import re
 import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 from .audiosocket import DTMF_DIGITS
@@ -383,7 +392,8 @@ class Config(_Model):
         for pname, p in self.profiles.items():
             for i, t in enumerate(p.tools):
                 if t not in known_tools:
-                    errors.append(f"profiles.{pname}.tools.{i}: unknown tool {t!r} (known: {', '.join(sorted(known_tools))})")
+                    known = ", ".join(sorted(known_tools))
+                    errors.append(f"profiles.{pname}.tools.{i}: unknown tool {t!r} (known: {known})")
             for digit, action in p.dtmf.items():
                 if action.tool not in known_tools:
                     errors.append(f"profiles.{pname}.dtmf.{digit}.tool: unknown tool {action.tool!r}")
@@ -424,13 +434,16 @@ class _EnvSource(EnvSettingsSource):
     Each value is read as the type of the field it sets: ints, floats and booleans are parsed
     by pydantic like any other input, strings are kept verbatim (``+441632960000``, ``0123``,
     ``yes``), and lists and mappings are JSON. ``load_config(env=…)`` passes its mapping here
-    instead of ``os.environ``, so tests and ``bridge/bench.py`` control exactly what is read.
+    instead of ``os.environ``, so tests and ``bridge/devtools/bench.py`` control exactly what is read.
     (Empty and ``null`` values are handled by :func:`_env_data`, not here.)
     """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._given_env = env  # read by _load_env_vars(), which the base __init__ calls
-        super().__init__(Config, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER)
+        # pydantic-settings types settings_cls as a BaseSettings, but it reads only model_fields and
+        # model_config, which Config (a plain BaseModel: no implicit environment) has too.
+        super().__init__(Config,  # type: ignore[arg-type]
+                         case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return {name.lower(): value for name, value in self._given_env.items()}
@@ -604,7 +617,7 @@ def _demo_or_url_error(data: Mapping[str, Any]) -> str | None:
             "demo that never reaches an AI, set gateway.demo: true instead")
 
 
-def _origin(loc: tuple[str, ...], origins: Mapping[tuple[str, ...], str]) -> str:
+def _origin(loc: tuple[int | str, ...], origins: Mapping[tuple[str, ...], str]) -> str:
     """Which variables (or command-line options) set the value at ``loc``, as `` (from …)``."""
     key = tuple(str(p).lower() for p in loc)
     if not key:

@@ -44,16 +44,17 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Awaitable, Callable, Iterable, Sequence, Union
+from typing import Annotated
 from urllib.parse import quote, unquote
 
 import idna
 from pydantic import AfterValidator
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``resolver(host, port)`` → the addresses ``host`` resolves to (strings or ipaddress objects).
-Resolver = Callable[[str, int], Awaitable[Sequence[Union[str, IPAddress]]]]
+Resolver = Callable[[str, int], Awaitable[Sequence[str | IPAddress]]]
 
 #: The default of ``allow.webhooks``: a receiver on this host (n8n on 127.0.0.1:5678, say).
 DEFAULT_ALLOW = ("http://127.0.0.1", "http://localhost", "http://[::1]")
@@ -149,9 +150,7 @@ def embedded_ipv4(addr: IPAddress) -> list[ipaddress.IPv4Address]:
     low32 = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     if addr.ipv4_mapped is not None:
         out.append(addr.ipv4_mapped)
-    elif (int(addr) >> 32) == 0xFFFF0000:  # ::ffff:0:a.b.c.d (SIIT)
-        out.append(low32)
-    elif (int(addr) >> 32) == 0 and int(addr) > 1:  # ::a.b.c.d (deprecated, but still an IPv4 address)
+    elif (int(addr) >> 32) == 0xFFFF0000 or ((int(addr) >> 32) == 0 and int(addr) > 1):  # ::ffff:0:a.b.c.d (SIIT)
         out.append(low32)
     if addr in _net("64:ff9b::/96") or addr in _net("64:ff9b:1::/48"):
         out.append(low32)
@@ -263,6 +262,8 @@ def _split(url: str, what: str) -> tuple[str, str, str]:
 
 
 def _host_and_port(authority: str, what: str) -> tuple[str, IPAddress | None, int | None]:
+    port_text: str | None
+    addr: IPAddress | None
     if authority.startswith("["):
         inside, bracket, after = authority[1:].partition("]")
         if not bracket:
@@ -423,7 +424,8 @@ WebhookAllowEntry = Annotated[str, AfterValidator(check_allow_entry)]
 async def system_resolver(host: str, port: int) -> list[str]:
     """``getaddrinfo`` in the event loop's executor (it blocks): every TCP address of ``host``."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [info[4][0] for info in infos]
+    # sockaddr[0] is the address string for AF_INET/AF_INET6, all SOCK_STREAM lookups return
+    return [str(info[4][0]) for info in infos]
 
 
 class EgressPolicy:

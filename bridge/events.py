@@ -12,8 +12,9 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("voxbridge.events")
 
@@ -87,7 +88,7 @@ class EventBus:
         for sink in self._sinks:
             try:
                 sink(event)
-            except Exception:  # noqa: BLE001 - a broken consumer must not break the call
+            except Exception:  # deliberately broad: a broken consumer must not break the call
                 log.exception("event sink failed on %s", type)
         for sub in list(self._subs):
             sub.offer(event)

@@ -20,7 +20,8 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol, TypedDict
 
 log = logging.getLogger("voxbridge.playout")
 
@@ -123,6 +124,22 @@ class Sink(Protocol):
     """
 
     def on_tick(self) -> None: ...
+
+
+class ClockStats(TypedDict):
+    """:meth:`PlayoutClock.stats`; a percentile is None until a tick has been measured."""
+
+    sinks: int
+    phases: int
+    ticks: int
+    late_ticks: int
+    skipped_ticks: int
+    tick_errors: int
+    max_lateness_ms: float
+    lateness_p50_ms: float | None
+    lateness_p99_ms: float | None
+    tick_cost_p50_ms: float | None
+    tick_cost_p99_ms: float | None
 
 
 class PlayoutClock:
@@ -255,7 +272,7 @@ class PlayoutClock:
         if hook is not None:
             try:
                 hook(exc)
-            except Exception:  # noqa: BLE001 - its call is broken twice over; the clock is not
+            except Exception:  # deliberately broad: its call is broken twice over; the clock is not
                 log.exception("playout sink %r: on_tick_failed raised too", sink)
 
     def _tick_failed(self, exc: Exception) -> None:
@@ -266,7 +283,7 @@ class PlayoutClock:
             log.error("playout clock bookkeeping failed (%d time(s) so far); the clock carries on", n,
                       exc_info=exc)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> ClockStats:
         return {
             "sinks": len(self._group_of),
             "phases": self.phases,

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger("voxbridge.resample")
 
@@ -31,8 +33,12 @@ ATTENUATION_DB = 70.0
 MAX_FACTOR = 12
 
 
+#: The filter of a resampler that needs none (same rate) or uses soxr.
+_NO_TAPS: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
+
+
 @lru_cache(maxsize=32)
-def _design(up: int, down: int, low_rate: int, high_rate_up: int) -> np.ndarray:
+def _design(up: int, down: int, low_rate: int, high_rate_up: int) -> npt.NDArray[np.float32]:
     """Kaiser windowed-sinc low-pass at the upsampled rate, gain ``up`` (for zero-stuffing)."""
     fs = high_rate_up
     f_pass = PASS_EDGE * low_rate
@@ -40,10 +46,10 @@ def _design(up: int, down: int, low_rate: int, high_rate_up: int) -> np.ndarray:
     cutoff = (f_pass + f_stop) / 2 / fs  # cycles per sample at the upsampled rate
     width = 2 * math.pi * (f_stop - f_pass) / fs
     a = ATTENUATION_DB
-    ntaps = int(math.ceil((a - 8) / (2.285 * width))) | 1
+    ntaps = math.ceil((a - 8) / (2.285 * width)) | 1
     beta = 0.1102 * (a - 8.7)
     n = np.arange(ntaps) - (ntaps - 1) / 2
-    h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(ntaps, beta)
+    h: npt.NDArray[np.float64] = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(ntaps, beta)
     h *= up / h.sum()
     return h.astype(np.float32)
 
@@ -64,19 +70,19 @@ class Resampler:
         g = math.gcd(in_rate, out_rate)
         self._up = out_rate // g
         self._down = in_rate // g
-        self._soxr = None
+        self._soxr: Any = None  # soxr.ResampleStream (soxr ships no type information)
         if in_rate == out_rate:
-            self._h = None
+            self._h = _NO_TAPS
         elif self._up <= MAX_FACTOR and self._down <= MAX_FACTOR:
             self._h = _design(self._up, self._down, min(in_rate, out_rate), in_rate * self._up)
         else:
             import soxr
 
-            self._h = None
+            self._h = _NO_TAPS
             self._soxr = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality="VHQ")
             log.info("resampling %d→%d Hz with soxr (adds ~%.0f ms latency)", in_rate, out_rate,
                      1000 * self._soxr.delay() / out_rate)
-        self._ntaps = 0 if self._h is None else len(self._h)
+        self._ntaps = len(self._h)
         self.reset()
 
     @property
@@ -94,7 +100,8 @@ class Resampler:
             return pcm
         x = np.frombuffer(pcm, dtype="<i2")
         if self._soxr is not None:
-            return self._soxr.resample_chunk(x).astype("<i2").tobytes()
+            out: bytes = self._soxr.resample_chunk(x).astype("<i2").tobytes()
+            return out
         up, down = self._up, self._down
         if up == 1:
             stuffed = x.astype(np.float32)

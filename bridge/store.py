@@ -3,8 +3,9 @@
 Writes come from the media path: :meth:`CallStore.record` is an :class:`~bridge.events.EventBus`
 sink, so it only appends to a bounded in-memory queue (O(1), never blocks, never raises). One
 writer task (started when the queue fills, gone when it is empty) drains that queue in order and
-applies it in batches, one transaction per batch, on the store's own thread: SQLite I/O never runs on the event loop. When the queue is full, new
-events are dropped and counted (:attr:`CallStore.dropped`) rather than delaying a call.
+applies it in batches, one transaction per batch, on the store's own thread: SQLite I/O never runs
+on the event loop. When the queue is full, new events are dropped and counted
+(:attr:`CallStore.dropped`) rather than delaying a call.
 
 Reads are async and run on the same thread, after the writes that were queued before them
 (read-your-writes: ``record_dialing`` then ``get_call`` finds the call).
@@ -42,9 +43,10 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from .events import Event
 from .supervise import Supervisor
@@ -320,7 +322,7 @@ class CallStore:
         try:
             if event.type in STORED_TYPES:
                 self._put(event)
-        except Exception:  # noqa: BLE001 - on the media path: losing one record beats losing the call
+        except Exception:  # deliberately broad: on the media path: losing one record beats losing the call
             self._queue_errors += 1
             log.exception("call history: cannot queue an event")
 
@@ -333,7 +335,7 @@ class CallStore:
         """
         try:
             self._put(_Dialing(call_id, direction, profile, destination, dict(metadata or {}), self._now()))
-        except Exception:  # noqa: BLE001
+        except Exception:
             self._queue_errors += 1
             log.exception("call history: cannot queue a dialing call")
 
@@ -688,7 +690,7 @@ class CallStore:
                 conn.execute("SAVEPOINT ev")
                 try:
                     self._apply(conn, item)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     conn.execute("ROLLBACK TO ev")
                     self._apply_errors += 1
                     log.exception("call history: cannot apply %s for call %s",
@@ -750,7 +752,8 @@ class CallStore:
             c.execute(
                 "INSERT INTO tool_calls (call_id, tool_call_id, tool, args, origin, started_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (call_id, tool_call_id) DO UPDATE SET "
-                "tool = excluded.tool, args = excluded.args, origin = excluded.origin, started_at = excluded.started_at",
+                "tool = excluded.tool, args = excluded.args, origin = excluded.origin, "
+                "started_at = excluded.started_at",
                 (cid, self._tool_call_id(item), _str(d.get("tool")), _json(redact(d.get("args"), self._redact)),
                  _str(d.get("origin")), item.ts))
         elif item.type == "tool.completed":

@@ -20,7 +20,8 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("voxbridge.supervise")
 
@@ -57,7 +58,9 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def watch(self, task: asyncio.Task[Any], name: str, on_crash: Callable[[BaseException], None] | None = None) -> None:
+    def watch(
+        self, task: asyncio.Task[Any], name: str, on_crash: Callable[[BaseException], None] | None = None
+    ) -> None:
         """For a task that is started on demand (not restarted from here): an unexpected exception
         is logged with its traceback and counted, then ``on_crash(exc)`` runs (e.g. to start a
         fresh worker if work is still queued)."""
@@ -95,7 +98,7 @@ class Supervisor:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the whole point: no exception ends a part silently
+            except Exception as exc:  # deliberately broad: the whole point: no exception ends a part silently
                 self.crashes[name] += 1
                 now = time.monotonic()
                 recent.append(now)

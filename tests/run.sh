@@ -2,9 +2,12 @@
 # Install everything the test suite needs, then run it:  bash tests/run.sh [pytest args…]
 #
 #   1. a virtualenv in .venv with voxbridge and its test extras
-#   2. (as root) debootstrap, and the Debian sid chroot with Asterisk 22 for the e2e tests,
+#   2. ruff (lint: bridge/, tools/, tests/), mypy (types: bridge/, tools/) and import-linter (the
+#      layering), configured in pyproject.toml; any one failing ends the run with its report,
+#      before any test starts
+#   3. (as root) debootstrap, and the Debian sid chroot with Asterisk 22 for the e2e tests,
 #      cached outside the repo in ${VOXBRIDGE_SANDBOX_DIR:-~/.cache/voxbridge}
-#   3. pytest over tests/ (unit, integration, e2e)
+#   4. pytest over tests/ (unit, integration, chaos, e2e)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +19,15 @@ fi
 echo "==> installing voxbridge with test extras"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+
+echo "==> ruff check (lint: bridge/, tools/, tests/)"
+.venv/bin/python -m ruff check . || { echo "==> ruff found problems (above): fix them, or see [tool.ruff] in pyproject.toml"; exit 1; }
+
+echo "==> mypy (types: bridge/, tools/; strict on the sans-I/O cores and tools/)"
+.venv/bin/python -m mypy || { echo "==> mypy found type errors (above); see [tool.mypy] in pyproject.toml"; exit 1; }
+
+echo "==> import-linter (the layering contracts in [tool.importlinter], pyproject.toml)"
+.venv/bin/lint-imports || { echo "==> an import breaks the layering (above): see [tool.importlinter] in pyproject.toml"; exit 1; }
 
 if [ "$(id -u)" != 0 ]; then
   echo "==> WARNING: not running as root (uid $(id -u)): the e2e sandbox needs debootstrap, chroot and mount."

@@ -44,8 +44,9 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from .base import TOOL_CALL_ID, CallControl, ToolError, ToolRegistry
 
@@ -218,7 +219,7 @@ class ToolRouter:
                 kind, text = "error", format_error(tool.name, str(exc))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a tool bug must still produce an answer
+            except Exception as exc:  # deliberately broad: a tool bug must still produce an answer
                 log.exception("tool %s (%s) raised", tool.name, outcome.call_id)
                 kind, text = "error", format_error(tool.name, f"internal error: {type(exc).__name__}")
             self._claim(outcome, kind, text)  # a no-op if teardown claimed it first
@@ -258,7 +259,7 @@ class ToolRouter:
             return
         try:
             hook(outcome)
-        except Exception:  # noqa: BLE001 - a reporting bug must not cost the call its answer
+        except Exception:  # deliberately broad: a reporting bug must not cost the call its answer
             log.exception("%s hook failed for tool %s (%s)", what, outcome.name, outcome.call_id)
 
     async def _drain_queue(self) -> None:
@@ -275,7 +276,7 @@ class ToolRouter:
                 self.send_failures += 1
                 log.info("tool result for %s (%s) not delivered: the gateway connection is gone (%s)",
                          cid, name, exc)
-            except Exception:  # noqa: BLE001 - logged with its traceback; the id stays answered
+            except Exception:  # deliberately broad: logged with its traceback; the id stays answered
                 self.send_failures += 1
                 log.exception("sending the tool result for %s (%s) failed", cid, name)
 

@@ -1,7 +1,7 @@
 """The chaos tier: faults injected around the real bridge, on loopback only.
 
 Each test runs the real :class:`bridge.app.Bridge` in-process (the fixtures of
-``tests/integration/conftest.py``: the reference gateway ``bridge.gateway.sim``, simulated
+``tests/integration/conftest.py``: the reference gateway ``bridge.devtools.gateway_sim``, simulated
 Asterisk callers) and breaks something the bridge depends on: the gateway dies or goes silent,
 webhook subscribers hang or fail, the call history cannot be written, AudioSocket is flooded,
 the gateway floods tool calls. What the tests check is what an operator sees: what the caller
@@ -34,7 +34,7 @@ import time
 import numpy as np
 import pytest
 
-from bridge.dial import AudioSocketCaller
+from bridge.devtools.dial import AudioSocketCaller
 
 # The integration tier's fixtures (a started Bridge on port 0 with the reference gateway, and
 # simulated callers) are the chaos tier's too: imported here, they are registered for tests/chaos.
@@ -91,13 +91,15 @@ async def wait_tone(caller: AudioSocketCaller, hz: float, *, since: float, frame
 
 
 def assert_paced(caller: AudioSocketCaller, since: float, until: float | None = None, *, what: str) -> None:
-    """The caller got one frame per 20 ms between ``since`` and ``until``: no gap over 100 ms,
+    """The caller got one frame per 20 ms between ``since`` and ``until``: no gap over 150 ms,
     median gap 20 ± 5 ms."""
     times = [t for t, _k, _n in caller.received_frames if t >= since and (until is None or t <= until)]
     assert len(times) >= 10, f"{what}: only {len(times)} frame(s) received in the window"
     gaps = np.diff(times)
     worst, median = float(gaps.max()), float(np.median(gaps))
-    assert worst < 0.100, f"{what}: a {worst * 1000:.0f} ms gap in the caller's audio (limit 100 ms)"
+    # Generous on purpose (a loaded CI machine): pacing that works shows ~30 ms worst gaps here,
+    # the failures these tests exist for showed 330-670 ms. Tight numbers belong in the bench.
+    assert worst < 0.150, f"{what}: a {worst * 1000:.0f} ms gap in the caller's audio (limit 150 ms)"
     assert 0.015 <= median <= 0.025, f"{what}: median frame gap {median * 1000:.1f} ms, not 20 ± 5 ms"
 
 
@@ -274,7 +276,7 @@ class ChaosProxy:
 
 
 @pytest.fixture
-async def proxy(sim):
+async def proxy(sim):  # noqa: F811 - pytest injects the `sim` fixture imported above
     p = ChaosProxy(sim.host, sim.port)
     await p.start()
     yield p

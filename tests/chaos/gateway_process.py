@@ -31,9 +31,12 @@ import os
 import sys
 from typing import Any
 
+# `python -m tests.chaos.gateway_process` is started from the repository root.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 async def _serve() -> None:
-    from bridge.gateway.sim import GatewaySim
+    from bridge.devtools.gateway_sim import GatewaySim
 
     sim = GatewaySim(accepted_keys={os.environ["CHAOS_GATEWAY_KEY"]})
     await sim.start()
@@ -129,8 +132,7 @@ class GatewayProcess:
         env = {**os.environ, "CHAOS_GATEWAY_KEY": self._key}
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.chaos.gateway_process", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                os.path.abspath(__file__)))), limit=16 * 1024 * 1024)
+            stdout=asyncio.subprocess.PIPE, env=env, cwd=_REPO_ROOT, limit=16 * 1024 * 1024)
         assert self._proc.stdout is not None
         first = await asyncio.wait_for(self._proc.stdout.readline(), 20)
         if not first:

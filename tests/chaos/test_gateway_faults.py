@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from bridge.dial import tone, write_wav
-from bridge.gateway.sim import tone as sim_tone
+from bridge.devtools.dial import tone, write_wav
+from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .conftest import accepted, tone_frames, wait_tone
 

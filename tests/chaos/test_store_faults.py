@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bridge.dial import AudioSocketCaller, tone
+from bridge.devtools.dial import AudioSocketCaller, tone
 
 from .conftest import API_KEY, accepted, assert_paced, metric_total
 

@@ -79,7 +79,8 @@ async def test_a_burst_of_1500_tool_calls_is_answered_exactly_once_each_with_bou
     over = asyncio.ensure_future(hold.over_limit.wait())
     done, _ = await asyncio.wait([busy_answers, over], timeout=16, return_when=asyncio.FIRST_COMPLETED)
     over.cancel()
-    assert hold.max_running <= LIMIT, f"{hold.max_running} tool calls ran at once on one call (tool_concurrency {LIMIT})"
+    assert hold.max_running <= LIMIT, (
+        f"{hold.max_running} tool calls ran at once on one call (tool_concurrency {LIMIT})")
     if busy_answers not in done or busy_answers.exception() is not None:
         busy_answers.cancel()
         pytest.fail(f"{hold.running} tool calls running and the others not answered within 15 s: calls beyond "

@@ -184,7 +184,7 @@ class AmiClient:
         try:
             await self.send(name, fields)
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AmiError(f"no Response to {name} (ActionID {action_id}) within {timeout}s") from None
         finally:
             self._pending.pop(action_id, None)
@@ -243,7 +243,7 @@ class AmiClient:
 
         try:
             return await asyncio.wait_for(waiter(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             names = sorted({str(e.get("Event")) for e in self.events[since:]})
             raise AmiError(f"no matching AMI event within {timeout}s (events seen: {', '.join(names)})") from None
 
@@ -294,13 +294,13 @@ class AmiClient:
         if not self._closed:
             try:
                 await asyncio.wait_for(self.action("Logoff", timeout=2), 3)
-            except (AmiError, asyncio.TimeoutError, ConnectionError, OSError):
+            except (TimeoutError, AmiError, ConnectionError, OSError):
                 pass
         self._closed = True
         self._task.cancel()
         try:
             await self._task
-        except (asyncio.CancelledError, Exception):
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing: how the reader ended no longer matters
             pass
         self._writer.close()
         try:

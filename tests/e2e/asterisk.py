@@ -401,7 +401,7 @@ exten => noanswer,1,Wait(30)
         ensure_proc(self.root)
         if _port_in_use(self.ami_port):
             raise AsteriskError(f"AMI port {self.ami_port} is already in use")
-        self._console = open(self.console_log, "ab")
+        self._console = open(self.console_log, "ab")  # noqa: SIM115 - open for the process's life; closed in stop()
         cmd = ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf_file]
         self._proc = subprocess.Popen(
             cmd,

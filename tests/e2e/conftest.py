@@ -16,9 +16,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Callable
 
 import pytest
 
@@ -27,8 +26,9 @@ if str(HERE) not in sys.path:  # so test modules can `import asterisk, ami_clien
     sys.path.insert(0, str(HERE))
 
 from ami_client import AmiClient  # noqa: E402
-from tests.conftest import ci_enabled  # noqa: E402
 from asterisk import AsteriskSandbox, ensure_proc, release_proc  # noqa: E402
+
+from tests.conftest import ci_enabled  # noqa: E402
 
 SANDBOX_SH = HERE / "sandbox.sh"
 

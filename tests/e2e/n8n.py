@@ -144,7 +144,8 @@ class N8nSandbox:
         self._prepare_dirs()
         res = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
-            raise N8nError(f"n8n {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+            raise N8nError(
+                f"n8n {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
         return res.stdout
 
     # ------------------------------------------------------------------ setup
@@ -160,7 +161,8 @@ class N8nSandbox:
             return
         dist = self.package_dir / "dist"
         if not (dist / "nodes").is_dir():
-            raise N8nError(f"{dist} is not built: run tests/e2e/sandbox.sh n8n (or npm run build in {self.package_dir})")
+            raise N8nError(
+                f"{dist} is not built: run tests/e2e/sandbox.sh n8n (or npm run build in {self.package_dir})")
         target = self.host_path(f"{self.custom_dir}/{PACKAGE_NAME}")
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
@@ -217,7 +219,7 @@ class N8nSandbox:
         self.install_package()
         if _port_in_use(self.port):
             raise N8nError(f"port {self.port} is already in use")
-        self._console = open(self.console_log, "ab")
+        self._console = open(self.console_log, "ab")  # noqa: SIM115 - open for the process's life; closed in stop()
         self._log_offset = self.console_log.stat().st_size
         self._proc = subprocess.Popen(
             self._cmd("start"),

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config
-from bridge.gateway.sim import GatewaySim
+from bridge.devtools.gateway_sim import GatewaySim
 
 from .asterisk import AsteriskSandbox
 
@@ -45,7 +45,8 @@ async def bridge(asterisk: AsteriskSandbox, tmp_path):
             "outbound": {"channel": "Local/{destination}@voxbridge-outbound", "context": "voxbridge-ai",
                          "exten": "ai", "ring_timeout": 5},
             "profiles": {"default": {"first_message": None},
-                         "collections": {"first_message": "Hi {name}", "prompt": "Remind {name} about invoice {invoice}."}},
+                         "collections": {"first_message": "Hi {name}",
+                                         "prompt": "Remind {name} about invoice {invoice}."}},
         })
         b = Bridge(cfg)
         await b.start()

@@ -19,9 +19,9 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config
-from bridge.dial import analyse, tone
-from bridge.gateway.sim import GatewaySim
-from bridge.gateway.sim import tone as sim_tone
+from bridge.devtools.dial import analyse, tone
+from bridge.devtools.gateway_sim import GatewaySim
+from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
@@ -208,7 +208,7 @@ async def test_dial_audiosocket_slin16_variant(bridge, sim, asterisk, ami):
 async def test_unknown_uuid_is_refused_when_the_policy_says_so(bridge, asterisk):
     bridge.config.audiosocket.unknown_uuid = "refuse"
     bridge.config.ami.channel_wait = 0.5
-    from bridge.dial import AudioSocketCaller
+    from bridge.devtools.dial import AudioSocketCaller
 
     caller = AudioSocketCaller()
     await caller.connect("127.0.0.1", asterisk.audiosocket_port)  # no channel claims this UUID

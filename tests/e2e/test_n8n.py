@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -102,7 +100,7 @@ async def start_bridge(sim, config: dict[str, Any]):
 
 @pytest.fixture
 async def sim():
-    from bridge.gateway.sim import GatewaySim
+    from bridge.devtools.gateway_sim import GatewaySim
 
     s = GatewaySim(accepted_keys={GATEWAY_KEY})
     await s.start()
@@ -111,7 +109,7 @@ async def sim():
 
 
 async def place_call(bridge):
-    from bridge.dial import AudioSocketCaller
+    from bridge.devtools.dial import AudioSocketCaller
 
     caller = AudioSocketCaller()
     host, port = bridge.audiosocket_address

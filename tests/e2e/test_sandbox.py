@@ -67,13 +67,13 @@ SILENCE_RMS = 200.0  # s16 RMS below this counts as silence
 
 
 def tone(freq: float, seconds: float, rate: int = 8000, amplitude: float = 8000.0) -> bytes:
-    n = int(round(seconds * rate))
+    n = round(seconds * rate)
     t = np.arange(n) / rate
     return (amplitude * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
 
 
 def silence(seconds: float, rate: int = 8000) -> bytes:
-    return b"\x00\x00" * int(round(seconds * rate))
+    return b"\x00\x00" * round(seconds * rate)
 
 
 def samples(pcm: bytes) -> np.ndarray:
@@ -103,7 +103,8 @@ def loud_seconds(pcm: bytes, rate: int, window_ms: int = 20) -> float:
 
 def loud_part(pcm: bytes, rate: int, window_ms: int = 20) -> bytes:
     step = rate * window_ms // 1000 * 2
-    return b"".join(pcm[i : i + step] for i in range(0, len(pcm) - step + 1, step) if rms(pcm[i : i + step]) > SILENCE_RMS)
+    windows = (pcm[i : i + step] for i in range(0, len(pcm) - step + 1, step))
+    return b"".join(w for w in windows if rms(w) > SILENCE_RMS)
 
 
 # ---------------------------------------------------------------------------------- the peer
@@ -298,7 +299,8 @@ async def test_caller_audio_reaches_peer(asterisk: AsteriskSandbox, ami: AmiClie
         assert s.frames[0][1] is Kind.UUID, "the first frame must be the UUID"
         assert str(s.uuid) == as_uuid
         # The caller's Playback is over once its ;2 half moves on to Wait().
-        await ami.wait_event(lambda e: e.get("Event") == "Newexten" and local_half(e, 2) and e.get("Application") == "Wait", 10)
+        await ami.wait_event(
+            lambda e: e.get("Event") == "Newexten" and local_half(e, 2) and e.get("Application") == "Wait", 10)
         s.hangup_now.set()
         await ami.wait_event(is_user_event("VoxbridgeReturned", as_uuid), 10)
         await asyncio.wait_for(s.closed.wait(), 5)
@@ -381,7 +383,8 @@ async def test_dial_slin16_delivers_16k_frames(asterisk: AsteriskSandbox, ami: A
         s = await peer.session()
         await asyncio.wait_for(s.got_uuid.wait(), 5)
         assert str(s.uuid) == as_uuid
-        await ami.wait_event(lambda e: e.get("Event") == "Newexten" and local_half(e, 2) and e.get("Application") == "Wait", 10)
+        await ami.wait_event(
+            lambda e: e.get("Event") == "Newexten" and local_half(e, 2) and e.get("Application") == "Wait", 10)
         s.hangup_now.set()
         returned = await ami.wait_event(is_user_event("VoxbridgeReturned", as_uuid), 10)
         await asyncio.wait_for(s.closed.wait(), 5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from pathlib import Path
@@ -11,8 +10,8 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config, load_config
-from bridge.dial import tone
-from bridge.gateway.sim import GatewaySim
+from bridge.devtools.dial import tone
+from bridge.devtools.gateway_sim import GatewaySim
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
@@ -104,8 +103,9 @@ async def test_shipped_dialplan_sends_the_caller_to_a_human_when_the_ai_fails(as
         try:
             mark = ami.mark()
             await call_example(ami, asterisk)
-            ev = await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators",
-                                      since=mark, timeout=10)
+            ev = await ami.wait_event(
+                lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators",
+                since=mark, timeout=10)
             assert ev["Exten"] == "100"  # VOXBRIDGE_RESULT=fallback routed it; nobody was hung up on
         finally:
             await bridge.stop()

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 
 from bridge.app import Bridge
 from bridge.config import Config, ConfigError
-from bridge.gateway.sim import tone as sim_tone
+from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .conftest import accepted
 
@@ -57,7 +57,7 @@ async def test_refuses_to_listen_beyond_loopback_without_a_token(sim):
     cfg = Config.model_validate({"audiosocket": {"listen": "127.0.0.1:0"}, "api": {"listen": "0.0.0.0:0"},
                                  "gateway": {"url": sim.url, "api_key": "k"}})
     bridge = Bridge(cfg)
-    with pytest.raises(ConfigError, match="not a loopback address: set api.token"):
+    with pytest.raises(ConfigError, match=r"not a loopback address: set api.token"):
         await bridge.start()
     await bridge.stop()
 
@@ -97,7 +97,8 @@ async def test_live_call_get_list_hangup_and_history(api_bridge, client, sim, di
     live = (await client.get(f"/v1/calls/{call_id}")).json()
     assert live["state"] == "active" and live["direction"] == "inbound" and live["profile"] == "default"
     assert [t["text"] for t in live["transcript"]] == ["Hello, how can I help?", "Where is my order?"]
-    assert call_id in [c["call_id"] for c in (await client.get("/v1/calls", params={"state": "active"})).json()["calls"]]
+    active = (await client.get("/v1/calls", params={"state": "active"})).json()["calls"]
+    assert call_id in [c["call_id"] for c in active]
 
     r = await client.post(f"/v1/calls/{call_id}/transfer", json={"extension": "100"})
     assert r.status_code == 403  # nothing is allowlisted for transfer here

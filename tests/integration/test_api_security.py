@@ -192,9 +192,9 @@ async def test_refusals_are_logged_once_per_cause(open_bridge, caplog):
     debug = [r for r in caplog.records if r.name == "voxbridge.api" and r.levelno == logging.DEBUG]
     assert len(debug) == 8  # the rest are still there, at debug level
     metrics = (await raw(port, request("GET", "/metrics", [("Host", "127.0.0.1")]))).body.decode()
-    assert 'voxbridge_api_refused_total{cause="host"} 5\n' in metrics
-    assert 'voxbridge_api_refused_total{cause="origin"} 5\n' in metrics
-    assert 'voxbridge_api_refused_total{cause="body"} 0\n' in metrics
+    assert 'voxbridge_api_refused_total{cause="host"} 5.0\n' in metrics
+    assert 'voxbridge_api_refused_total{cause="origin"} 5.0\n' in metrics
+    assert 'voxbridge_api_refused_total{cause="body"} 0.0\n' in metrics
 
 
 # --------------------------------------------------------------------------- with a token
@@ -525,7 +525,7 @@ async def test_event_streams_are_capped(open_bridge):
     streams = []
     try:
         for _ in range(limit):
-            reader, writer, refused = await _open_stream(port)
+            _reader, writer, refused = await _open_stream(port)
             assert refused is None, refused
             streams.append(writer)
         assert len(open_bridge.events._subs) == limit

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from bridge import bench
+from bridge.devtools import bench
 
 
 @pytest.mark.timeout(120)

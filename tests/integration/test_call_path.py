@@ -1,6 +1,6 @@
 """The core call path, end to end on loopback: simulated Asterisk ⇄ bridge ⇄ reference gateway.
 
-The reference gateway (bridge.gateway.sim) is treated as a stranger: these tests look only at
+The reference gateway (bridge.devtools.gateway_sim) is treated as a stranger: these tests look only at
 what crossed the wire (its recorded messages and audio) and at what the caller heard.
 """
 
@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from bridge.dial import analyse, tone
-from bridge.gateway.sim import tone as sim_tone
+from bridge.devtools.dial import analyse, tone
+from bridge.devtools.gateway_sim import tone as sim_tone
 from tools.base import Tool
 
 from .conftest import API_KEY, accepted
@@ -283,7 +283,7 @@ async def test_dtmf_shortcut_runs_its_tool(make_bridge, sim, dial):
 
 
 async def test_wrong_api_key_falls_back_to_the_dialplan_with_the_message(make_bridge, sim, dial, tmp_path):
-    from bridge.dial import write_wav
+    from bridge.devtools.dial import write_wav
 
     wav = tmp_path / "sorry.wav"
     write_wav(wav, tone(350, 600, 8000), 8000)
@@ -298,7 +298,7 @@ async def test_wrong_api_key_falls_back_to_the_dialplan_with_the_message(make_br
         types.append(events.queue.get_nowait())
     failed = [e for e in types if e.type == "call.failed"]
     assert failed and failed[0].data["message"] == "unauthorized"
-    ended = [e for e in types if e.type == "call.ended"][0]
+    ended = next(e for e in types if e.type == "call.ended")
     assert ended.data["reason"].startswith("fallback")
 
 
@@ -350,7 +350,7 @@ async def test_malformed_input_closes_only_that_connection(make_bridge, sim, dia
         return time.monotonic() - t0
 
     closed_after = await asyncio.gather(*(attack(p) for p in garbage.values()))
-    assert max(closed_after) < 1.0, dict(zip(garbage, closed_after))
+    assert max(closed_after) < 1.0, dict(zip(garbage, closed_after, strict=True))
     # The good calls carried on: no gap in what they hear, all still up.
     for c in good:
         before = c.received_audio_frames

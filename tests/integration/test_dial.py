@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import socket
 import time
 import uuid
@@ -27,7 +28,7 @@ from bridge.audiosocket import (
     encode_uuid,
     frame_bytes,
 )
-from bridge.dial import (
+from bridge.devtools.dial import (
     AudioSocketCaller,
     Ticker,
     add_arguments,
@@ -181,7 +182,7 @@ async def test_uuid_first_then_audio_paced_at_20ms(rate):
         # ... and keeps coming at 50 frames per second: no bursts, no gaps.
         in_first_second = sum(1 for t in times if t - times[0] < 1.0)
         assert 42 <= in_first_second <= 58, in_first_second
-        assert max(b - a for a, b in zip(times, times[1:])) < 0.2
+        assert max(b - a for a, b in itertools.pairwise(times)) < 0.2
         await caller.aclose()
         assert await conn.wait_eof()
         assert Kind.HANGUP not in conn.kinds()  # Asterisk hangs up by closing, never with 0x00

@@ -1,7 +1,7 @@
 """Tests of the gateway simulator itself, driven by a plain ``websockets`` client.
 
 The simulator is the reference the bridge is tested against, so these tests pin down the protocol
-as implemented (see the docstring of ``bridge.gateway.sim``). Synchronisation is by awaiting
+as implemented (see the docstring of ``bridge.devtools.gateway_sim``). Synchronisation is by awaiting
 messages and events, never by sleeping.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from bridge.gateway.sim import (
+from bridge.devtools.gateway_sim import (
     GatewaySim,
     ScenarioError,
     SessionClosed,

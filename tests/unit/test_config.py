@@ -90,15 +90,15 @@ profiles:
     assert "profiles.default.tools.1: unknown tool 'fly_to_moon'" in str(err.value)
     assert "profiles.default.dtmf.0.tool: unknown tool 'nope'" in str(err.value)
 
-    cfg = load_config(write(tmp_path, "gateway: {demo: true}\nprofiles: {default: {provider: qwen, tools: [end_call]}}\n"),
-                      env={})
+    cfg = load_config(
+        write(tmp_path, "gateway: {demo: true}\nprofiles: {default: {provider: qwen, tools: [end_call]}}\n"), env={})
     Bridge(cfg)
     assert "provider 'qwen' does not emit tool calls" in caplog.text
 
 
 def test_gateway_url_needs_a_key():
     cfg = load_config(None, env={"VOXBRIDGE_GATEWAY_URL": "wss://gw.example/ws"})
-    with pytest.raises(ConfigError, match="gateway.api_key: required"):
+    with pytest.raises(ConfigError, match=r"gateway.api_key: required"):
         Bridge(cfg)
 
 

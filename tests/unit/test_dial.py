@@ -1,4 +1,4 @@
-"""Unit tests for the pure parts of bridge.dial: WAV I/O, tones, analysis, parsing, the ticker."""
+"""Unit tests for the pure parts of bridge.devtools.dial: WAV I/O, tones, analysis, parsing, the ticker."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bridge.audiosocket import Kind
-from bridge.dial import (
+from bridge.devtools.dial import (
     Ticker,
     add_arguments,
     analyse,
@@ -23,7 +23,6 @@ from bridge.dial import (
     tone,
     write_wav,
 )
-
 
 # ------------------------------------------------------------------ tone
 
@@ -89,7 +88,7 @@ def test_read_wav_rejects_8_bit(tmp_path):
 def test_read_wav_rejects_non_wav(tmp_path):
     path = tmp_path / "junk.wav"
     path.write_bytes(b"this is not a RIFF file at all")
-    with pytest.raises(ValueError, match="junk.wav"):
+    with pytest.raises(ValueError, match=r"junk.wav"):
         read_wav(path)
 
 

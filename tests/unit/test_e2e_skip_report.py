@@ -101,7 +101,8 @@ def test_without_ci_skipped_e2e_tests_are_listed_with_their_reasons_and_the_run_
     out = result.stdout.str()
     result.stdout.fnmatch_lines([
         "*skipped end-to-end tests*",
-        "SKIPPED e2e/test_fake_e2e.py::test_needs_the_sandbox: E2E SANDBOX UNAVAILABLE: the asterisk sandbox needs root",
+        ("SKIPPED e2e/test_fake_e2e.py::test_needs_the_sandbox: "
+         "E2E SANDBOX UNAVAILABLE: the asterisk sandbox needs root"),
         "SKIPPED e2e/test_fake_e2e.py::test_skips_itself: no network to fetch n8n",
         "*sandbox.sh said: permission denied*",  # the rest of a multi-line reason, shown once
         "E2E SKIPPED: 2 test(s) did not run*",

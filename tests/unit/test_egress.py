@@ -8,8 +8,19 @@ import socket
 import pytest
 
 from bridge.config import Config, ConfigError, load_config
-from bridge.egress import (DEFAULT_ALLOW, AllowEntry, EgressPolicy, EgressRefused, ResolveFailed, embedded_ipv4,
-                           is_public, never_reason, parse_allowlist, parse_ipv4, parse_url)
+from bridge.egress import (
+    DEFAULT_ALLOW,
+    AllowEntry,
+    EgressPolicy,
+    EgressRefused,
+    ResolveFailed,
+    embedded_ipv4,
+    is_public,
+    never_reason,
+    parse_allowlist,
+    parse_ipv4,
+    parse_url,
+)
 
 #: 169.254.169.254 (the cloud metadata service) in every spelling inet_aton or a browser accepts.
 METADATA_SPELLINGS = [
@@ -141,7 +152,7 @@ def test_embedded_ipv4_is_unpacked():
     for addr in ("::ffff:a9fe:a9fe", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::", "::a9fe:a9fe"):
         assert v4 in embedded_ipv4(ipaddress.ip_address(addr)), addr
     # Teredo: the client address is stored inverted.
-    teredo = ipaddress.ip_address("2001:0:4136:e378:8000:63bf:%x:%x" % (0xFFFF ^ 0xA9FE, 0xFFFF ^ 0xA9FE))
+    teredo = ipaddress.ip_address(f"2001:0:4136:e378:8000:63bf:{0xFFFF ^ 0xA9FE:x}:{0xFFFF ^ 0xA9FE:x}")
     assert v4 in embedded_ipv4(teredo)
     assert never_reason(teredo) is not None
     assert embedded_ipv4(ipaddress.ip_address("::1")) == [] and embedded_ipv4(ipaddress.ip_address("2001:db8::1")) == []
@@ -168,7 +179,7 @@ def test_entries_match_on_parsed_components_not_string_prefixes():
         assert policy.check(url).named, url
     for url in ("http://127.0.0.1.evil.com/", "http://localhost.evil.com/", "https://127.0.0.1:5678/",
                 "http://127.0.0.2/", "http://[2001:db8::1]/"):
-        with pytest.raises(EgressRefused, match="not allowed: allow.webhooks permits"):
+        with pytest.raises(EgressRefused, match=r"not allowed: allow.webhooks permits"):
             policy.check(url)
     with pytest.raises(ValueError, match="user name or password"):
         policy.check("http://127.0.0.1@evil.com/")
@@ -319,7 +330,7 @@ async def test_every_resolved_address_is_checked():
     for answer in (["169.254.169.254"], ["127.0.0.1", "169.254.169.254"], ["::ffff:169.254.169.254"],
                    ["fe80::1%eth0"], ["0.0.0.0"]):
         dns.answers["hooks.example"] = answer
-        with pytest.raises(EgressRefused, match="hooks.example resolves to"):
+        with pytest.raises(EgressRefused, match=r"hooks.example resolves to"):
             await policy.resolve(target)
 
 
@@ -329,7 +340,7 @@ async def test_a_wildcard_name_must_resolve_to_public_addresses_only():
     policy = EgressPolicy(["https://"], resolver=dns)
     addrs = await policy.resolve(policy.check("https://public.example/hook"))
     assert [str(a) for a in addrs] == ["203.0.114.9", "2606:4700::1111"]  # de-duplicated, in order
-    with pytest.raises(EgressRefused, match="10.0.0.5, not a public address"):
+    with pytest.raises(EgressRefused, match=r"10.0.0.5, not a public address"):
         await policy.resolve(policy.check("https://internal.example/hook"))
     # The same name, named by an entry, may resolve to a private address.
     named = EgressPolicy(["https://internal.example"], resolver=dns)
@@ -339,7 +350,7 @@ async def test_a_wildcard_name_must_resolve_to_public_addresses_only():
 async def test_resolution_failures_are_reported_not_refused():
     dns = FakeDns({"empty.example": []})
     policy = EgressPolicy(["https://"], resolver=dns, resolve_timeout=0.05)
-    with pytest.raises(ResolveFailed, match="cannot resolve nowhere.example"):
+    with pytest.raises(ResolveFailed, match=r"cannot resolve nowhere.example"):
         await policy.resolve(policy.check("https://nowhere.example/"))
     with pytest.raises(ResolveFailed, match="no addresses"):
         await policy.resolve(policy.check("https://empty.example/"))
@@ -350,7 +361,7 @@ async def test_resolution_failures_are_reported_not_refused():
         return []
 
     slow = EgressPolicy(["https://"], resolver=hangs, resolve_timeout=0.05)
-    with pytest.raises(ResolveFailed, match="no answer within 0.05 s"):
+    with pytest.raises(ResolveFailed, match=r"no answer within 0.05 s"):
         await slow.resolve(slow.check("https://slow.example/"))
 
 

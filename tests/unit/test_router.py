@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from tests.fakes import FakeCall
 from tools.base import Tool, ToolError, ToolRegistry
 from tools.router import AnswerState, ToolRouter
-from tests.fakes import FakeCall
 
 
 class Echo(Tool):

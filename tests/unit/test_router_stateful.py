@@ -9,8 +9,9 @@ teardown with and without ``answer_pending`` and ``grace``. After every step:
 - ``on_completed`` fired at most once per id, and what was sent is what was recorded;
 - at most ``max_concurrent`` tools run.
 
-After teardown (started by a rule, or at the end of the example): every id was reported exactly once; with ``answer_pending`` every gateway
-call dispatched before teardown finished was sent exactly one result; no task is left.
+After teardown (started by a rule, or at the end of the example): every id was reported exactly once;
+with ``answer_pending`` every gateway call dispatched before teardown finished was sent exactly one
+result; no task is left.
 
 asyncio runs deterministically: each example gets its own event loop with a virtual clock
 (time moves only when a rule says so), and each rule runs the loop for a bounded number of
@@ -23,7 +24,8 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -211,7 +213,7 @@ class RouterMachine(RuleBasedStateMachine):
                     self.late_ids.append(cid)  # after aclose() returned: the session has hung up
             return running, cid, self.called[cid].outcome, self.called[cid].result
 
-        running_before, cid, decided, text = self.run(go)
+        running_before, _cid, decided, text = self.run(go)
         # What the router decided, synchronously, at dispatch:
         if self.closing is not None:
             expected = "cancelled"
