@@ -208,17 +208,19 @@ class Bridge:
                 p.cancel()
         for conn in list(self.connections):
             conn.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-        if self._sim is not None:
-            await self._sim.stop()
-            self._sim = None
+        # Each part is taken off the bridge before it is awaited, so a second stop() running
+        # meanwhile (a signal during shutdown) finds nothing left to close twice.
+        server, self._server = self._server, None
+        if server is not None:
+            await server.wait_closed()
+        sim, self._sim = self._sim, None
+        if sim is not None:
+            await sim.stop()
         await self.supervisor.stop()
         await self.asterisk.stop()
-        if self.api is not None:
-            await self.api.stop()
-            self.api = None
+        api, self.api = self.api, None
+        if api is not None:
+            await api.stop()
         await self.hub.close()  # after the calls: their call.ended gets a chance to go out
         await self.http.aclose()
 

@@ -48,13 +48,14 @@ class EventHub:
         self.bus.add_sink(self.webhooks.offer)
 
     async def close(self) -> None:
-        """Webhooks first (they may still read the store), then the store, then the client."""
-        if self.webhooks is not None:
-            await self.webhooks.close()
-            self.webhooks = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        """Webhooks first (they may still read the store), then the store, then the client.
+        Each is taken off the hub before it is awaited: a concurrent close() closes nothing twice."""
+        webhooks, self.webhooks = self.webhooks, None
+        if webhooks is not None:
+            await webhooks.close()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
