@@ -208,17 +208,16 @@ class Bridge:
                 p.cancel()
         for conn in list(self.connections):
             conn.abort()
-        # Each part is taken off the bridge before it is awaited, so a second stop() running
+        # The parts are taken off the bridge before they are awaited, so a second stop() running
         # meanwhile (a signal during shutdown) finds nothing left to close twice.
-        server, self._server = self._server, None
+        server, sim, api = self._server, self._sim, self.api
+        self._server = self._sim = self.api = None
         if server is not None:
             await server.wait_closed()
-        sim, self._sim = self._sim, None
         if sim is not None:
             await sim.stop()
         await self.supervisor.stop()
         await self.asterisk.stop()
-        api, self.api = self.api, None
         if api is not None:
             await api.stop()
         await self.hub.close()  # after the calls: their call.ended gets a chance to go out

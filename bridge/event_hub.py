@@ -10,6 +10,8 @@ the calls, so every call's ``call.ended`` gets a chance to go out.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import httpx
 
 from .config import Config
@@ -32,30 +34,31 @@ class EventHub:
         self.store: CallStore | None = None
         self.webhooks: WebhookDispatcher | None = None
         self._http: httpx.AsyncClient | None = None
+        #: What close() must close, in that order; each part is added as soon as it is started,
+        #: so a start() that fails half-way is closed as far as it got.
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         cfg = self.config
         self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
                                supervisor=self.supervisor)
         await self.store.start()
+        self._closers.append(self.store.close)
         self.bus.add_sink(self.store.record)
         self._http = httpx.AsyncClient(follow_redirects=False, timeout=10.0)
+        self._closers.append(self._http.aclose)
         self.webhooks = WebhookDispatcher(self.store, self._http, max_attempts=WEBHOOK_ATTEMPTS,
                                           backoff_base=WEBHOOK_BACKOFF_BASE_S,
                                           policy=EgressPolicy(cfg.allow.webhooks), max_webhooks=cfg.api.max_webhooks,
                                           supervisor=self.supervisor)
         await self.webhooks.start()
+        self._closers.insert(0, self.webhooks.close)  # first: delivery may still read the store
         self.bus.add_sink(self.webhooks.offer)
 
     async def close(self) -> None:
         """Webhooks first (they may still read the store), then the store, then the client.
         Each is taken off the hub before it is awaited: a concurrent close() closes nothing twice."""
-        webhooks, self.webhooks = self.webhooks, None
-        if webhooks is not None:
-            await webhooks.close()
-        store, self.store = self.store, None
-        if store is not None:
-            await store.close()
-        http, self._http = self._http, None
-        if http is not None:
-            await http.aclose()
+        closers, self._closers = self._closers, []
+        self.webhooks = self.store = self._http = None
+        for close in closers:
+            await close()

@@ -861,16 +861,13 @@ class SimSession:
         if self._finished:
             coro.close()
             return None
-        task = asyncio.create_task(coro, name=f"gateway-sim-{self.index}-{name}")
-        self._tasks.add(task)
+        self._tasks.add(task := asyncio.create_task(coro, name=f"gateway-sim-{self.index}-{name}"))
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
+        exc = None if task.cancelled() else task.exception()
         if exc is not None and not isinstance(exc, (SessionClosed, ConnectionClosed)):
             log.error("session %d: task %s failed", self.index, task.get_name(), exc_info=exc)
 
