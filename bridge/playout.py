@@ -32,7 +32,7 @@ FRAME_S = FRAME_MS / 1000
 class PlayoutBuffer:
     """AI audio waiting for the caller, in whole 20 ms frames at ``sample_rate``."""
 
-    __slots__ = ("frame_size", "silence", "_frames", "_partial", "max_frames", "dropped", "_drained")
+    __slots__ = ("frame_size", "silence", "_frames", "_partial", "max_frames", "dropped", "_drained", "consumed")
 
     def __init__(self, sample_rate: int = 8000, max_seconds: float = 120.0) -> None:
         self.frame_size = sample_rate * FRAME_MS // 1000 * 2
@@ -42,6 +42,9 @@ class PlayoutBuffer:
         self.max_frames = int(max_seconds * 1000 / FRAME_MS)
         self.dropped = 0
         self._drained: asyncio.Event | None = None
+        #: Bytes of queued audio that have left the queue: played to the caller, or cleared.
+        #: Its position in the stream of audio pushed (see :attr:`consumed_s`).
+        self.consumed = 0
 
     def __len__(self) -> int:
         """Whole frames queued."""
@@ -50,6 +53,11 @@ class PlayoutBuffer:
     @property
     def pending_ms(self) -> int:
         return len(self._frames) * FRAME_MS + (FRAME_MS if self._partial else 0)
+
+    @property
+    def consumed_s(self) -> float:
+        """Seconds of pushed audio that have been played or cleared (the caller heard up to here)."""
+        return self.consumed / (self.frame_size * 50)
 
     @property
     def empty(self) -> bool:
@@ -83,14 +91,17 @@ class PlayoutBuffer:
             for _ in range(excess):
                 frames.pop()
             self.dropped += excess
+            self.consumed += excess * n  # skipped: the stream position moves past them
             log.warning("playout queue full (%d s): dropped %d frames", self.max_frames * FRAME_MS // 1000, excess)
 
     def pop(self) -> bytes:
         """The next frame to play: audio if any is queued, else silence. Never blocks."""
         if self._frames:
+            self.consumed += self.frame_size
             return self._frames.popleft()
         if self._partial:
             # The tail of an utterance: pad it out rather than hold it back.
+            self.consumed += len(self._partial)
             frame = bytes(self._partial) + self.silence[len(self._partial):]
             self._partial.clear()
             return frame
@@ -102,6 +113,7 @@ class PlayoutBuffer:
     def clear(self) -> int:
         """Drop everything queued (barge-in). Returns the frames dropped."""
         n = len(self._frames) + (1 if self._partial else 0)
+        self.consumed += len(self._frames) * self.frame_size + len(self._partial)
         self._frames.clear()
         self._partial.clear()
         return n

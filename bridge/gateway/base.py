@@ -11,7 +11,7 @@ to the session's router, and its answer comes back through :meth:`Gateway.send_t
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,11 @@ class SessionSetup:
     first_message: str | None = None
     farewell_message: str | None = None
     max_duration: int = 300
+    #: ``{"name", "description", "parameters"}`` (JSON Schema) for each tool the AI may call.
     tools: list[dict[str, Any]] = field(default_factory=list)
+    #: The caller's leg rate (Hz). An adapter that picks its own wire format uses it (OpenAI
+    #: Realtime speaks G.711 µ-law to an 8 kHz call: no resampling at all).
+    caller_rate: int = 8000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,11 @@ class ClearPlayback:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseDone:
+    """The AI finished a response (informational: audio may still be playing to the caller)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteHangup:
     """The gateway ended the session."""
 
@@ -79,7 +88,8 @@ class Closed:
     clean: bool
 
 
-GatewayEvent = AudioOut | Transcript | ToolCall | ClearPlayback | RemoteHangup | RemoteError | Closed
+GatewayEvent = (AudioOut | Transcript | ToolCall | ClearPlayback | ResponseDone | RemoteHangup | RemoteError
+                | Closed)
 
 
 class GatewayError(Exception):
@@ -93,9 +103,34 @@ class Gateway(abc.ABC):
     ``hangup`` or a :class:`Closed` / :class:`RemoteHangup` event → ``close``.
     ``send_*`` never raise on a dead connection: they drop and the event stream reports
     :class:`Closed`, so the session has one place to learn that the gateway is gone.
+
+    Rates: :meth:`send_audio` takes s16le at :attr:`sample_rate`, :class:`AudioOut` carries
+    s16le at :attr:`output_rate` (``None``: the same); both are final once :meth:`connect`
+    returned, and the session resamples to and from the caller's rate as needed.
+
+    Voice activity: :attr:`local_vad` is ``None`` when the AI service detects the caller's speech
+    itself (and says so with :class:`ClearPlayback`). Otherwise it holds the settings
+    (:class:`bridge.vad.VadSettings`) of the detector the session runs on the caller's audio;
+    the session then clears the playout itself when the caller starts speaking over the AI and
+    tells the adapter through :meth:`caller_speech_started` / :meth:`caller_speech_stopped`.
     """
 
-    sample_rate: int
+    sample_rate: int = 8000
+    output_rate: int | None = None
+    local_vad: Any = None
+    #: Seconds of this gateway's audio the caller has heard so far, counting what a barge-in
+    #: dropped (a position in the stream of :class:`AudioOut`). Set by the session before
+    #: :meth:`connect`; adapters that must tell the service where the caller interrupted
+    #: (OpenAI Realtime's ``conversation.item.truncate``) read it.
+    playout_position: Callable[[], float] | None = None
+
+    def caller_speech_started(self, heard_s: float) -> None:  # noqa: B027 - an optional hook
+        """The bridge's own detector heard the caller start speaking. The session has cleared the
+        playout already; ``heard_s`` is where the caller was in this gateway's audio just before
+        (what :attr:`playout_position` said then). Optional: the default does nothing."""
+
+    def caller_speech_stopped(self) -> None:  # noqa: B027 - an optional hook
+        """The bridge's own detector heard the caller stop speaking. Optional: the default does nothing."""
 
     @abc.abstractmethod
     async def connect(self, setup: SessionSetup) -> None:
