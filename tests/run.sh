@@ -19,6 +19,9 @@ fi
 echo "==> installing voxbridge with test extras"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+# The Silero VAD model file (bridge/vad.py's second engine) ships in the silero-vad package, whose own
+# dependencies would pull in torch: the model is all that is needed (onnxruntime is in the test extra).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'silero-vad>=5.1'
 
 echo "==> ruff check (lint: bridge/, tools/, tests/)"
 .venv/bin/python -m ruff check . || { echo "==> ruff found problems (above): fix them, or see [tool.ruff] in pyproject.toml"; exit 1; }
@@ -43,6 +46,12 @@ elif [ -n "${VOXBRIDGE_SKIP_E2E:-}" ]; then
 else
   echo "==> preparing the real-Asterisk sandbox (cached after the first run)"
   bash tests/e2e/sandbox.sh asterisk
+fi
+if [ "$(id -u)" = 0 ] && { ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; }; then
+  # Real synthetic speech for the VAD tests (tests/unit/test_vad.py skips them without it).
+  echo "==> installing espeak-ng and sox (Debian packages) for the VAD tests"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null \
+    || echo "==> WARNING: could not install espeak-ng/sox: the espeak VAD test will be skipped"
 fi
 
 echo "==> running the tests"

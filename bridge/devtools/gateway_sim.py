@@ -183,27 +183,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import functools
-import hmac
-import itertools
 import json
 import logging
 import math
 import os
 import struct
 import time
-import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+
+from .sim_common import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    ScriptedWsSession,
+    SessionClosed,
+    WsSimServer,
+    add_server_arguments,
+    api_keys,
+    chunk_bytes,
+    serve_until_cancelled,
+)
+from .sim_common import listen_address as _listen_address  # noqa: F401 - the name the other simulators used
 
 __all__ = [
     "PROVIDERS",
@@ -237,11 +246,7 @@ OPTIONAL_STRING_FIELDS = ("voice", "language", "first_message", "farewell_messag
 CONFIG_FIELDS = frozenset({"type", *REQUIRED_FIELDS, *OPTIONAL_STRING_FIELDS, "max_duration", "tools"})
 TOOL_FIELDS = ("name", "description", "parameters")
 
-CLOSE_NORMAL = 1000
 CLOSE_INVALID_PAYLOAD = 1007
-CLOSE_POLICY = 1008
-_MAX_CLOSE_REASON_BYTES = 123
-_MAX_MESSAGE_TYPES = 64  # distinct client message types kept for wait_message (bounded memory)
 
 # Bench echo marker (see "Bench echo mode" above).
 _BENCH_MAGIC = b"VXBM"
@@ -252,10 +257,6 @@ _BENCH_3F64 = struct.Struct("<ddd")
 _BENCH_F64 = struct.Struct("<d")
 
 SCENARIO_EVENTS = frozenset({"speech_start", "speech_end", "barge_in", "tool_result", "greeting_done"})
-
-
-class SessionClosed(Exception):
-    """The session's WebSocket is closed (or closing); nothing more can be sent or awaited."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,13 +430,6 @@ def _redacted_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             value = value[:57] + "..."
         out[key] = value
     return out
-
-
-def _close_reason(text: str) -> str:
-    raw = text.encode("utf-8")
-    if len(raw) <= _MAX_CLOSE_REASON_BYTES:
-        return text
-    return raw[: _MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,15 +621,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _PendingCall:
-    name: str
-    sent_at: float
-    future: asyncio.Future[str]
-    deadline: asyncio.Task[None] | None = None
-
-
-class SimSession:
+class SimSession(ScriptedWsSession):
     """One client connection, from the WebSocket handshake to the close.
 
     Recorded state (read it freely in tests): ``index``, ``query_api_key``, ``connected_at``,
@@ -648,50 +634,22 @@ class SimSession:
     ``closed_by`` ("server" / "client" / None if the TCP connection just dropped).
     """
 
+    _log = log
+    _task_prefix = "gateway-sim"
+
     def __init__(self, sim: GatewaySim, ws: ServerConnection, index: int) -> None:
+        super().__init__(ws, index, sim.max_messages)
         self._sim = sim
-        self._ws = ws
-        self.index = index
         query = parse_qs(urlsplit(ws.request.path).query) if ws.request else {}
         self.query_api_key: str | None = query.get("apiKey", [None])[0]
-        self.connected_at = time.monotonic()
         self.config: dict[str, Any] | None = None
         self.config_received_at: float | None = None
-        self.accepted = False
         self.reject_reason: str | None = None
-        self.messages: collections.deque[dict[str, Any]] = collections.deque(maxlen=sim.max_messages)
-        self.audio = bytearray()
-        self.audio_bytes_total = 0
         self.audio_chunks: collections.deque[tuple[float, bytes]] = collections.deque(
             maxlen=sim.max_messages
         )
-        self.tool_results: dict[str, str] = {}
-        self.violations: list[str] = []
-        self.sent_messages: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=sim.max_messages
-        )
-        self.sent_audio_bytes = 0
-        self.speaking_until = 0.0
-        self.barge_ins = 0
-        self.utterances: list[float] = []
-        self.closed = asyncio.Event()
-        self.close_code: int | None = None
-        self.close_reason: str | None = None
-        self.closed_by: str | None = None
-
         self._echo = sim.echo if sim.scenario is None or sim.scenario.echo is None else sim.scenario.echo
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._changed = asyncio.Event()
-        self._unconsumed: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=sim.max_messages)
-        )
-        self._events: collections.Counter[str] = collections.Counter()
-        self._pending_calls: dict[str, _PendingCall] = {}
-        self._speak_lock = asyncio.Lock()
-        self._clear_gen = 0
         self._vad: _Vad | None = None
-        self._server_close: tuple[int, str] | None = None
-        self._finished = False
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -702,13 +660,14 @@ class SimSession:
         return int(self.config["sample_rate"])
 
     @property
-    def pending_tool_calls(self) -> dict[str, str]:
-        """Outstanding tool calls: call_id -> tool name."""
-        return {cid: p.name for cid, p in self._pending_calls.items()}
+    def input_rate(self) -> int:
+        """Rate of the caller audio in :attr:`audio` (the common simulator interface's name)."""
+        return self.sample_rate
 
     @property
-    def is_speaking(self) -> bool:
-        return time.monotonic() < self.speaking_until
+    def output_rate(self) -> int:
+        """Rate of the PCM :meth:`send_audio` takes (the common simulator interface's name)."""
+        return self.sample_rate
 
     # ---- scripting API -----------------------------------------------------------------------
 
@@ -717,22 +676,14 @@ class SimSession:
         await self._send(json.dumps(obj, separators=(",", ":")))
         self.sent_messages.append(dict(obj))
 
-    async def send_raw_text(self, text: str) -> None:
-        """Send a text frame verbatim (e.g. invalid JSON, to test the client's robustness)."""
-        await self._send(text)
-
     async def send_audio(self, pcm: bytes, chunk_ms: int = 100) -> None:
         """Send PCM s16le as a burst of ``chunk_ms`` binary frames, back to back.
 
         Bursts are serialised with the sim's own speech. The burst stops early when the playback
         buffer is cleared (barge-in or :meth:`clear`) while it is being sent.
         """
-        if len(pcm) % 2:
-            raise ValueError(f"PCM s16le needs an even number of bytes, got {len(pcm)}")
-        if chunk_ms <= 0:
-            raise ValueError("chunk_ms must be positive")
         sr = self.sample_rate
-        chunk = max(2, 2 * round(sr * chunk_ms / 1000))
+        chunk = chunk_bytes(pcm, sr, chunk_ms)
         async with self._speak_lock:
             gen = self._clear_gen
             for off in range(0, len(pcm), chunk):
@@ -779,20 +730,10 @@ class SimSession:
         Raises ``TimeoutError`` after ``timeout`` s (the call stays outstanding: a late result is
         still stored) and :class:`SessionClosed` if the session ends first.
         """
-        call_id = call_id or f"call_{uuid.uuid4().hex[:12]}"
-        if call_id in self._pending_calls or call_id in self.tool_results:
-            raise ValueError(f"call_id {call_id!r} was already used in this session")
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending_calls[call_id] = _PendingCall(name, time.monotonic(), fut)
-        try:
-            await self.send_json({"type": "tool_call", "call_id": call_id, "name": name, "args": dict(args)})
-        except SessionClosed:
-            self._pending_calls.pop(call_id, None)
-            raise
-        self._pending_calls[call_id].deadline = self._spawn(
-            self._tool_deadline(call_id), f"tool-deadline-{call_id}"
-        )
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        async def send(cid: str) -> None:
+            await self.send_json({"type": "tool_call", "call_id": cid, "name": name, "args": dict(args)})
+
+        return await self._call(name, call_id, send, timeout, self._sim.tool_deadline_s)
 
     async def hangup(self) -> None:
         """Server-initiated end: send ``hangup``, let the client close for ``hangup_grace_s``,
@@ -809,80 +750,10 @@ class SimSession:
         if close:
             await self._close(code, message)
 
-    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Close the WebSocket without any protocol message."""
-        await self._close(code, reason)
-
-    async def wait_accepted(self, timeout: float = 5) -> dict[str, Any]:
-        """Wait until the config is accepted and return it; :class:`SessionClosed` if rejected."""
-        await self._wait_for(lambda: self.accepted, timeout, "an accepted config")
-        assert self.config is not None
-        return self.config
-
-    async def wait_audio(self, min_bytes: int, timeout: float = 5) -> bytes:
-        """Wait until at least ``min_bytes`` of caller audio were received in total; return the
-        recorded audio."""
-        await self._wait_for(lambda: self.audio_bytes_total >= min_bytes, timeout, f"{min_bytes} audio bytes")
-        return bytes(self.audio)
-
-    async def wait_message(self, type: str, timeout: float = 5) -> dict[str, Any]:
-        """Return the next received message of ``type`` not returned by an earlier call
-        (messages received before the call count)."""
-        queue = self._unconsumed[type]
-        await self._wait_for(lambda: bool(queue), timeout, f"a {type!r} message")
-        return queue.popleft()
-
-    async def wait_event(self, event: str, count: int = 1, timeout: float = 5) -> None:
-        """Wait until ``event`` (a scenario event name) happened at least ``count`` times."""
-        await self._wait_for(lambda: self._events[event] >= count, timeout, f"event {event!r}")
-
     # ---- internals ---------------------------------------------------------------------------
 
-    def _event_count_reached(self, event: str, count: int) -> bool:
-        return self._events[event] >= count
-
-    async def _wait_for(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                if self._finished:
-                    raise SessionClosed(f"session {self.index} closed while waiting for {what}")
-                await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _emit(self, event: str) -> None:
-        self._events[event] += 1
-        self._notify()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
-        """Start a session task; every one is cancelled and awaited when the session ends."""
-        if self._finished:
-            coro.close()
-            return None
-        self._tasks.add(task := asyncio.create_task(coro, name=f"gateway-sim-{self.index}-{name}"))
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None and not isinstance(exc, (SessionClosed, ConnectionClosed)):
-            log.error("session %d: task %s failed", self.index, task.get_name(), exc_info=exc)
-
-    async def _send(self, data: str | bytes) -> None:
-        if self._finished or self._server_close is not None:
-            raise SessionClosed(f"session {self.index} is closed")
-        try:
-            await self._ws.send(data)
-        except ConnectionClosed as exc:
-            raise SessionClosed(f"session {self.index} is closed") from exc
-
-    async def _close(self, code: int, reason: str) -> None:
-        if self._server_close is None:
-            self._server_close = (code, _close_reason(reason))
-        await self._ws.close(*self._server_close)
+    def _accepted_setup(self) -> dict[str, Any] | None:
+        return self.config
 
     async def _reject(self, message: str, code: int = CLOSE_POLICY, *, violation: bool = True) -> None:
         """Send an error and close. ``violation``: the client broke the protocol (not e.g. a bad key)."""
@@ -894,23 +765,6 @@ class SimSession:
         except SessionClosed:
             pass
         await self._close(code, message)
-
-    def _violation(self, text: str) -> None:
-        limit = self._sim.max_messages
-        if len(self.violations) < limit:
-            self.violations.append(text)
-        elif len(self.violations) == limit:
-            self.violations.append("(further violations not recorded)")
-        self._notify()
-
-    async def _tool_deadline(self, call_id: str) -> None:
-        await asyncio.sleep(self._sim.tool_deadline_s)
-        pending = self._pending_calls.get(call_id)
-        if pending is not None:
-            self._violation(
-                f"no tool_result for call_id {call_id!r} ({pending.name}) "
-                f"within {self._sim.tool_deadline_s:g} s"
-            )
 
     async def _run(self) -> None:
         """The connection handler: config, then the message loop until the socket closes."""
@@ -1045,9 +899,7 @@ class SimSession:
         if not isinstance(cfg, dict):
             await self._reject(f"first message must be a JSON object, got {type(cfg).__name__}")
             return False
-        self.messages.append(cfg)
-        if isinstance(cfg.get("type"), str):
-            self._unconsumed[cfg["type"]].append(cfg)
+        self._record(cfg)
         if cfg.get("type") != "config":
             await self._reject(f"first message must have type 'config', got type {cfg.get('type')!r}")
             return False
@@ -1103,11 +955,7 @@ class SimSession:
             return False
         if not data:
             return True
-        self.audio_bytes_total += len(data)
-        self.audio += data
-        cap = self._sim.audio_cap_bytes
-        if len(self.audio) > cap:
-            del self.audio[: len(self.audio) - cap]
+        self._keep_audio(data, self._sim.audio_cap_bytes)
         self.audio_chunks.append((now, data))
         self._notify()
         assert self.config_received_at is not None and self._vad is not None
@@ -1151,11 +999,8 @@ class SimSession:
             self._violation(f"message is not a JSON object ({type(msg).__name__})")
             await self.send_json({"type": "error", "message": "invalid message: must be a JSON object"})
             return
-        self.messages.append(msg)
+        self._record(msg)
         mtype = msg.get("type")
-        if isinstance(mtype, str) and (mtype in self._unconsumed or len(self._unconsumed) < _MAX_MESSAGE_TYPES):
-            self._unconsumed[mtype].append(msg)
-        self._notify()
         if mtype == "hangup":
             log.info("session %d: client hangup", self.index)
             await self._close(CLOSE_NORMAL, "client hangup")
@@ -1182,85 +1027,17 @@ class SimSession:
                 f"tool_result for call_id {call_id!r}: result must be a string, got {type(result).__name__}"
             )
             return
-        pending = self._pending_calls.pop(call_id, None)
+        pending = self._take_call(call_id, f"duplicate tool_result for call_id {call_id!r}",
+                                  f"tool_result for unknown call_id {call_id!r}")
         if pending is None:
-            if call_id in self.tool_results:
-                self._violation(f"duplicate tool_result for call_id {call_id!r}")
-            else:
-                self._violation(f"tool_result for unknown call_id {call_id!r}")
             return
-        self.tool_results[call_id] = result
-        if pending.deadline is not None:
-            pending.deadline.cancel()
-        if not pending.future.done():
-            pending.future.set_result(result)
+        self._answer_call(call_id, pending, result)
         self._emit("tool_result")
-
-    async def _run_scenario(self, scenario: Scenario) -> None:
-        consumed: collections.Counter[str] = collections.Counter()
-        for i, step in enumerate(scenario.steps):
-            if step.on is not None:
-                # The n-th step waiting on an event fires on its n-th occurrence in the session:
-                # events are consumed in order, so one that happened early is not lost.
-                nth = consumed[step.on] = consumed[step.on] + 1
-                await self._wait_for(
-                    functools.partial(self._event_count_reached, step.on, nth), None, f"event {step.on!r}"
-                )
-            if step.after_ms:
-                await asyncio.sleep(step.after_ms / 1000)
-            await self._run_step(i, step)
-
-    async def _run_step(self, i: int, step: ScenarioStep) -> None:
-        p = step.params
-        if step.do == "say":
-            await self.say(p.get("text"), tone_hz=p.get("tone_hz"), ms=p.get("ms"))
-        elif step.do == "tool_call":
-            coro = self.call_tool(p["name"], p.get("args", {}), p.get("call_id"),
-                                  timeout=p.get("timeout_ms", 15_000) / 1000)
-            if p.get("wait", True):
-                try:
-                    await coro
-                except TimeoutError:
-                    log.info("session %d: scenario step %d: tool_call %s got no result", self.index, i, p["name"])
-            else:
-                self._spawn(coro, f"scenario-tool-{i}")
-        elif step.do == "clear":
-            await self.clear()
-        elif step.do == "hangup":
-            await self.hangup()
-        elif step.do == "error":
-            await self.error(p["message"], close=p.get("close", True))
-        elif step.do == "transcript":
-            await self.transcript(p["role"], p["text"], final=p.get("final", True))
 
     async def _finish(self) -> None:
         """Called once the handler is done: cancel every task, record how the socket closed."""
-        self._finished = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        ws = self._ws
-        if ws.state is State.OPEN:  # only on an unexpected exception in the handler
-            await self._close(1011, "internal error")
-        await ws.wait_closed()  # the handler may return before the closing handshake completes
-        proto = ws.protocol
-        if proto.close_rcvd_then_sent is None and proto.close_sent is None and proto.close_rcvd is None:
-            self.close_code, self.close_reason, self.closed_by = 1006, "", None
-        elif proto.close_rcvd_then_sent or (proto.close_sent is None and proto.close_rcvd is not None):
-            frame = proto.close_rcvd
-            self.closed_by = "client"
-            self.close_code = frame.code if frame else 1006
-            self.close_reason = frame.reason if frame else ""
-        else:
-            frame = proto.close_sent
-            self.closed_by = "server"
-            self.close_code = frame.code if frame else 1006
-            self.close_reason = frame.reason if frame else ""
-        for call_id, pending in self._pending_calls.items():
-            if not pending.future.done():
-                pending.future.set_exception(SessionClosed(f"session closed before tool_result {call_id!r}"))
-                pending.future.exception()  # mark retrieved: nobody may be awaiting it
+        await self._end_connection()
+        self._fail_pending_calls("tool_result")
         log.info(
             "session %d end: close %s by %s%s, %.1f s, caller audio %d B, sent audio %d B, violations %d",
             self.index,
@@ -1272,8 +1049,7 @@ class SimSession:
             self.sent_audio_bytes,
             len(self.violations),
         )
-        self.closed.set()
-        self._notify()
+        self._mark_closed()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1281,7 +1057,7 @@ class SimSession:
 # --------------------------------------------------------------------------------------------
 
 
-class GatewaySim:
+class GatewaySim(WsSimServer[SimSession]):
     """The gateway: a WebSocket server on ``/ws`` creating one :class:`SimSession` per connection.
 
     ``accepted_keys=None`` accepts any non-empty ``apikey``. ``max_duration_override_s`` and
@@ -1313,9 +1089,7 @@ class GatewaySim:
     ) -> None:
         if settle_ms < 0 or burst_chunk_ms <= 0 or audio_cap_bytes < 0 or max_messages <= 0:
             raise ValueError("settle_ms, audio_cap_bytes must be >= 0; burst_chunk_ms, max_messages > 0")
-        self.accepted_keys: frozenset[str] | None = (
-            None if accepted_keys is None else frozenset(accepted_keys)
-        )
+        super().__init__(accepted_keys, keep_sessions)
         self.settle_ms = settle_ms
         self.echo = echo
         self.scenario = scenario
@@ -1333,70 +1107,11 @@ class GatewaySim:
         self.bench_barge_every_s = bench_barge_every_s
         self.bench_tool_every_s = bench_tool_every_s
         self.bench_tool = bench_tool
-        self.sessions: collections.deque[SimSession] = collections.deque(maxlen=keep_sessions)
-        self.url: str | None = None
-        self.host: str | None = None
-        self.port: int | None = None
-        self._server: Server | None = None
-        self._counter = itertools.count(1)
-        self._connected = 0  # sessions created so far
-        self._handed_out = 0  # sessions returned by next_session
-        self._changed = asyncio.Event()
+
+    _path = PATH
 
     def _speech_ms(self, text: str) -> int:
         return max(400, min(self.greeting_max_ms, 60 * len(text)))
-
-    def _key_accepted(self, key: str) -> bool:
-        if self.accepted_keys is None:
-            return bool(key)
-        given = key.encode()
-        # Compare against every key, in constant time per key.
-        return any([hmac.compare_digest(given, k.encode()) for k in self.accepted_keys])  # noqa: C419 - a list, so every key is compared (no early exit)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        if self._server is not None:
-            raise RuntimeError("GatewaySim already started")
-        self._server = await serve(
-            self._handler,
-            host,
-            port,
-            process_request=self._process_request,
-            compression=None,
-            max_size=2**20,
-        )
-        sock = next(iter(self._server.sockets))
-        self.host, self.port = host, sock.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"ws://{shown}:{self.port}{PATH}"
-
-    async def stop(self) -> None:
-        """Close every connection (1001) and the listener; wait for every session to finish."""
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        server.close(close_connections=True)
-        await server.wait_closed()
-
-    async def __aenter__(self) -> GatewaySim:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def next_session(self, timeout: float = 5) -> SimSession:
-        """The next session in connect order not yet returned by this method.
-
-        With ``keep_sessions`` set, sessions already dropped from ``sessions`` are skipped.
-        """
-        async with asyncio.timeout(timeout):
-            while self._handed_out >= self._connected:
-                await self._changed.wait()
-        oldest_kept = self._connected - len(self.sessions)
-        self._handed_out = max(self._handed_out, oldest_kept)
-        session = self.sessions[self._handed_out - oldest_kept]
-        self._handed_out += 1
-        return session
 
     @staticmethod
     def _process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -1404,16 +1119,8 @@ class GatewaySim:
             return connection.respond(HTTPStatus.NOT_FOUND, f"Not Found: the gateway endpoint is {PATH}\n")
         return None
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        session = SimSession(self, ws, next(self._counter))
-        self.sessions.append(session)
-        self._connected += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-        try:
-            await session._run()
-        finally:
-            await session._finish()
+    def _new_session(self, ws: ServerConnection, index: int) -> SimSession:
+        return SimSession(self, ws, index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1421,22 +1128,11 @@ class GatewaySim:
 # --------------------------------------------------------------------------------------------
 
 
-def _listen_address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options for the gateway simulator command (dest: listen, api_keys, scenario, settle_ms)."""
-    parser.add_argument(
-        "--listen", type=_listen_address, default=("127.0.0.1", 8765), metavar="HOST:PORT",
-        help="address to serve ws://HOST:PORT/ws on (default 127.0.0.1:8765)",
-    )
-    parser.add_argument(
-        "--api-key", dest="api_keys", action="append", default=None, metavar="KEY",
-        help="an accepted apikey (repeatable); without it any non-empty key is accepted",
+    add_server_arguments(
+        parser, listen_help="address to serve ws://HOST:PORT/ws on (default 127.0.0.1:8765)",
+        key_help="an accepted apikey (repeatable); without it any non-empty key is accepted",
     )
     parser.add_argument("--scenario", metavar="FILE", help="scenario file (JSON or YAML) run in every session")
     parser.add_argument(
@@ -1460,26 +1156,19 @@ async def run_gateway_sim(
     """Serve the simulator until cancelled. ``bench``: the ``bench_*`` options of :class:`GatewaySim`."""
     scenario = load_scenario(scenario_path) if scenario_path else None
     sim = GatewaySim(accepted_keys=api_keys, scenario=scenario, settle_ms=settle_ms, keep_sessions=32, **bench)
-    await sim.start(host, port)
-    log.info(
-        "gateway sim listening on %s (api keys: %s, scenario: %s, settle %d ms)",
-        sim.url,
+    await serve_until_cancelled(
+        sim, host, port, log, "gateway sim listening on %s (api keys: %s, scenario: %s, settle %d ms)",
         f"{len(api_keys)} configured" if api_keys else "any non-empty key",
         f"{scenario_path} ({len(scenario.steps)} steps)" if scenario else "none (echo agent)",
-        settle_ms,
+        settle_ms, stopped="gateway sim stopped",
     )
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
-        log.info("gateway sim stopped")
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
     """Run with the options declared by :func:`add_arguments`."""
     host, port = args.listen
     await run_gateway_sim(
-        host, port, api_keys=set(args.api_keys) if args.api_keys else None,
+        host, port, api_keys=api_keys(args),
         scenario_path=args.scenario, settle_ms=args.settle_ms, **bench_options(args),
     )
 
