@@ -107,6 +107,8 @@ class Bridge:
         errors, warnings = config.problems(self.tools.names)
         if config.gateway.url and not config.gateway.api_key and gateway_factory is None:
             errors.append("gateway.api_key: required when gateway.url is set (or set VOXBRIDGE_GATEWAY_API_KEY)")
+        if gateway_factory is None:
+            errors += config.credential_problems()
         for w in warnings:
             log.warning("config: %s", w)
         if errors:
@@ -156,7 +158,7 @@ class Bridge:
 
     async def _start(self) -> None:
         cfg = self.config
-        if self.gateways.url is None and self.gateways.override is None:
+        if self.gateways.url is None and self.gateways.override is None and cfg.uses_default_gateway:
             from .devtools.gateway_sim import GatewaySim
 
             self._sim = GatewaySim(accepted_keys={DEMO_API_KEY})
@@ -167,6 +169,8 @@ class Bridge:
             log.warning("DEMO MODE: calls go to the embedded reference gateway at %s, an echo that never reaches "
                         "an AI (%s); set gateway.url for a real gateway", self.gateway_url,
                         "gateway.demo: true" if cfg.gateway.demo else "no gateway.url configured")
+        if self.gateways.override is None:
+            self.gateways.prepare()
         api_host, api_port = parse_hostport(cfg.api.listen, "api.listen")
         if cfg.api.enabled and not is_loopback(api_host) and cfg.api.token is None:
             raise ConfigError(f"api.listen {cfg.api.listen} is not a loopback address: set api.token "

@@ -2,7 +2,7 @@
 
     voxbridge serve [--config FILE] [--audiosocket-listen HOST:PORT] [--api-listen HOST:PORT] [--gateway-url URL]
     voxbridge dial [--to HOST:PORT] [--wav FILE | --tone HZ] [--dtmf 1@2.5] [--record OUT.wav] …
-    voxbridge gateway-sim [--listen HOST:PORT] [--api-key KEY] [--scenario FILE]
+    voxbridge gateway-sim [--protocol aillomvox|generic-ws|aivoco|openai-realtime] [--listen HOST:PORT] …
     voxbridge check-config FILE
     voxbridge bench [--calls 50,100,…] [--duration S] [--workers W] [--out DIR]
 
@@ -102,6 +102,8 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
         errors, warnings = cfg.problems(build_tools(cfg).names)
+        # A credential is read from the environment `serve` runs in, which may not be this one.
+        warnings += [f"{p}; `serve` needs it" for p in cfg.credential_problems()]
     except (ConfigError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -110,8 +112,10 @@ def _check_config(args: argparse.Namespace) -> int:
     if errors:
         print(f"invalid configuration in {args.file}:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
+    default = "embedded demo (gateway.demo)" if cfg.gateway.url is None else cfg.gateway.url
+    named = "".join(f"; gateway {n}: {g.protocol} {g.url}" for n, g in cfg.gateways.items())
     print(f"{args.file}: OK ({len(cfg.profiles)} profile(s): {', '.join(cfg.profiles)}; "
-          f"gateway {'embedded demo (gateway.demo)' if cfg.gateway.url is None else cfg.gateway.url})")
+          f"gateway {default if cfg.uses_default_gateway else '(unused)'}{named})")
     return 0
 
 
@@ -123,6 +127,25 @@ DEVTOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "gateway-sim": ("run the reference AI gateway (protocol simulator)", "bridge.devtools.gateway_sim"),
     "bench": ("load benchmark: N simulated calls through the bridge, vs a bare relay", "bridge.devtools.bench"),
 }
+#: ``gateway-sim --protocol P``: the reference simulator of each AI protocol (each module has
+#: ``add_arguments(parser)`` and ``run_from_args(args)``; only the chosen one is imported).
+SIMULATORS: dict[str, str] = {
+    "aillomvox": "bridge.devtools.gateway_sim",
+    "generic-ws": "bridge.devtools.sim_generic_ws",
+    "aivoco": "bridge.devtools.sim_aivoco",
+    "openai-realtime": "bridge.devtools.sim_openai",
+}
+
+
+def _protocol_of(argv: Sequence[str]) -> str:
+    """The simulator ``gateway-sim`` is asked for (``--protocol P`` / ``--protocol=P``), found
+    before parsing so that only that simulator's options are added; argparse checks the value."""
+    for i, arg in enumerate(argv):
+        if arg == "--protocol" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--protocol="):
+            return arg.partition("=")[2]
+    return "aillomvox"
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -135,7 +158,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The ``voxbridge`` parser. Every command is listed with its help; a dev tool's options are
     added only for ``command`` (the one being parsed), which imports that tool's module."""
     p = argparse.ArgumentParser(prog="voxbridge", description="Asterisk AudioSocket ⇄ AI voice gateway bridge")
@@ -155,14 +178,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     for name, (help_text, module) in DEVTOOL_COMMANDS.items():
         tool = sub.add_parser(name, help=help_text)
-        if name == command:
+        if name == command == "gateway-sim":
+            tool.add_argument("--protocol", choices=list(SIMULATORS), default="aillomvox",
+                              help="which AI protocol to simulate (default aillomvox)")
+            protocol = _protocol_of(argv)
+            if protocol in SIMULATORS:
+                importlib.import_module(SIMULATORS[protocol]).add_arguments(tool)
+        elif name == command:
             importlib.import_module(module).add_arguments(tool)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_of(argv)).parse_args(argv)
+    args = build_parser(_command_of(argv), argv).parse_args(argv)
     try:
         if args.command == "check-config":
             return _check_config(args)
@@ -172,9 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .devtools.dial import run_dial
             return _run(run_dial(args))
         if args.command == "gateway-sim":
-            from .devtools.gateway_sim import run_from_args  # --listen is parsed to (host, port), keys to api_keys
+            simulator = importlib.import_module(SIMULATORS[args.protocol])
             setup_logging("INFO")
-            return _run(run_from_args(args)) or 0
+            return _run(simulator.run_from_args(args)) or 0
         if args.command == "bench":
             from .devtools.bench import run_bench
             return _run(run_bench(args))

@@ -48,7 +48,7 @@ import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -146,6 +146,7 @@ class Fallback(_Model):
 class Profile(_Model):
     """An agent: who the AI is on this call and what it may do."""
 
+    gateway: str | None = Field(None, description="a key of ``gateways``; unset = the ``gateway`` section")
     provider: Provider = "aillomvox"
     voice: str | None = None
     language: str | None = "en-US"
@@ -190,27 +191,33 @@ class Profile(_Model):
 # --------------------------------------------------------------------------- sections
 
 
-class GatewayConfig(_Model):
+class _WebSocketTimings(_Model):
+    connect_timeout: float = Field(5.0, gt=0, le=60)
+    keepalive_interval: float = Field(5.0, gt=0, le=60, description="WebSocket ping every this many seconds")
+    keepalive_timeout: float = Field(10.0, gt=0, le=120,
+                                     description="a ping unanswered this long means the gateway is gone")
+
+
+def _ws_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^wss?://[^/\s]+", v):
+        raise ValueError(f"must be a ws:// or wss:// URL, got {v!r}")
+    return v
+
+
+class GatewayConfig(_WebSocketTimings):
+    """The default gateway (AillomVox), for profiles that name none: the single section of old."""
+
     protocol: Literal["aillomvox"] = "aillomvox"
     url: str | None = Field(
         None, description="wss://…/ws of the gateway; unset = the embedded reference gateway (demo)"
     )
     api_key: SecretStr | None = None
     api_key_in_query: bool = Field(False, description="also send ?apiKey= on the URL (the field is always sent)")
-    connect_timeout: float = Field(5.0, gt=0, le=60)
     settle_ms: int = Field(500, ge=0, le=5000, description="hold caller audio this long after config")
     settle_buffer_ms: int = Field(2000, ge=0, le=10000, description="most caller audio held while settling")
     demo: bool = Field(False, description="run the embedded reference gateway (no url, no key): demos only")
-    keepalive_interval: float = Field(5.0, gt=0, le=60, description="WebSocket ping every this many seconds")
-    keepalive_timeout: float = Field(10.0, gt=0, le=120,
-                                     description="a ping unanswered this long means the gateway is gone")
 
-    @field_validator("url")
-    @classmethod
-    def _ws_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^wss?://[^/\s]+", v):
-            raise ValueError(f"must be a ws:// or wss:// URL, got {v!r}")
-        return v
+    _v = field_validator("url")(lambda v: _ws_url(v))
 
     @model_validator(mode="after")
     def _demo_or_url(self) -> GatewayConfig:
@@ -219,6 +226,109 @@ class GatewayConfig(_Model):
             raise ValueError("gateway.url and gateway.demo: true are both set: remove gateway.demo to use the "
                              "gateway at gateway.url, or remove gateway.url to run the embedded demo gateway")
         return self
+
+
+class VadConfig(_Model):
+    """Who detects the caller's speech, and how (seed 001's settings).
+
+    ``mode``: ``server`` — the AI service does (the settings are sent to it where its protocol
+    takes them); ``local`` — the bridge does, on the caller's audio (bridge/vad.py), and flushes
+    the AI's playout itself when the caller speaks over it; ``off`` — nobody (no barge-in).
+    Unset: the protocol's own default (server for generic-ws and OpenAI Realtime, local for
+    aivoco, whose API has no barge-in event).
+    """
+
+    mode: Literal["server", "local", "off"] | None = None
+    engine: Literal["auto", "silero", "webrtcvad"] = Field(
+        "auto", description="the local detector: silero (measured best, README) when installed, else webrtcvad")
+    threshold: float = Field(0.6, ge=0, le=1, description="speech probability / sensitivity, 0..1")
+    silence_duration_ms: int = Field(600, ge=100, le=5000, description="silence that ends the caller's turn")
+    prefix_padding_ms: int = Field(200, ge=0, le=2000, description="audio kept from before the speech onset")
+    tonal_onset: bool = Field(True, description="silero: a tone, DTMF or synthetic voice starting over the AI "
+                                                "also cuts it (README); false on lines that carry music")
+
+
+class _NamedGateway(_WebSocketTimings):
+    """Fields every entry of ``gateways`` has."""
+
+    api_key: SecretStr | None = Field(None, description="the credential; better: api_key_env")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="name of the environment variable holding the credential")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> _NamedGateway:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("api_key and api_key_env are both set: keep one")
+        return self
+
+    def credential(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The credential, from ``api_key`` or the variable ``api_key_env`` names (None if unset)."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            return (os.environ if env is None else env).get(self.api_key_env) or None
+        return None
+
+
+class AillomVoxGatewayConfig(_NamedGateway):
+    protocol: Literal["aillomvox"]
+    url: str
+    api_key_in_query: bool = False
+    settle_ms: int = Field(500, ge=0, le=5000)
+    settle_buffer_ms: int = Field(2000, ge=0, le=10000)
+
+    _v = field_validator("url")(lambda v: _ws_url(v))
+
+
+class GenericWsGatewayConfig(_NamedGateway):
+    """Seed 001's generic AI WebSocket (bridge/gateway/generic_ws.py); ``api_key`` is its optional bearer token."""
+
+    protocol: Literal["generic-ws"]
+    url: str
+    audio_format: Literal["g711_ulaw", "pcm16"] = "g711_ulaw"
+    sample_rate: Literal[8000, 16000, 24000] = Field(8000, description="the wire's rate (8000 for g711_ulaw)")
+    ready_timeout: float = Field(3.0, gt=0, le=30, description="caller audio is held until the server's "
+                                                              "session_started/ready, at most this long")
+    vad: VadConfig = Field(default_factory=VadConfig)
+
+    _v = field_validator("url")(lambda v: _ws_url(v))
+
+    @model_validator(mode="after")
+    def _ulaw_is_8k(self) -> GenericWsGatewayConfig:
+        if self.audio_format == "g711_ulaw" and self.sample_rate != 8000:
+            raise ValueError(f"audio_format g711_ulaw is 8000 Hz; sample_rate {self.sample_rate} needs pcm16")
+        return self
+
+
+class AivocoGatewayConfig(_NamedGateway):
+    """Seed 003's Socket.IO speech-to-speech API (bridge/gateway/aivoco.py); ``api_key`` is its auth_key."""
+
+    protocol: Literal["aivoco"]
+    url: str = "wss://sts.aivoco.on.cloud.vispark.in"
+    output_rate: Literal[16000, 24000] = Field(24000, description="rate of the PCM the service speaks")
+    vad: VadConfig = Field(default_factory=VadConfig)
+
+    _v = field_validator("url")(lambda v: _ws_url(v))
+
+
+class OpenAIRealtimeGatewayConfig(_NamedGateway):
+    """The OpenAI Realtime API, GA (bridge/gateway/openai_realtime.py)."""
+
+    protocol: Literal["openai-realtime"]
+    url: str = "wss://api.openai.com/v1/realtime"
+    model: str = "gpt-realtime"
+    transcription_model: str | None = Field("gpt-4o-mini-transcribe",
+                                            description="transcribes the caller; null turns it off")
+    vad: VadConfig = Field(default_factory=VadConfig)
+
+    _v = field_validator("url")(lambda v: _ws_url(v))
+
+
+NamedGateway = Annotated[
+    AillomVoxGatewayConfig | GenericWsGatewayConfig | AivocoGatewayConfig | OpenAIRealtimeGatewayConfig,
+    Field(discriminator="protocol"),
+]
+GATEWAY_PROTOCOLS = ("aillomvox", "generic-ws", "aivoco", "openai-realtime")
 
 
 class AudioSocketConfig(_Model):
@@ -360,6 +470,8 @@ class StoreConfig(_Model):
 class Config(_Model):
     audiosocket: AudioSocketConfig = Field(default_factory=AudioSocketConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    gateways: dict[str, NamedGateway] = Field(default_factory=dict,
+                                              description="named AI gateways; a profile picks one by name")
     ami: AmiConfig = Field(default_factory=AmiConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -380,10 +492,34 @@ class Config(_Model):
             raise ValueError(
                 f"default_profile {self.default_profile!r} is not among profiles ({', '.join(self.profiles)})"
             )
+        for pname, p in self.profiles.items():
+            if p.gateway is not None and p.gateway not in self.gateways:
+                known = ", ".join(self.gateways) or "none are configured"
+                raise ValueError(f"profiles.{pname}.gateway: no gateway named {p.gateway!r} in gateways ({known})")
         return self
 
     def profile(self, name: str | None) -> Profile:
         return self.profiles[name or self.default_profile]
+
+    @property
+    def uses_default_gateway(self) -> bool:
+        """Whether some profile names no gateway, and so uses the ``gateway`` section."""
+        return any(p.gateway is None for p in self.profiles.values())
+
+    def credential_problems(self, env: Mapping[str, str] | None = None) -> list[str]:
+        """Gateways a profile uses whose protocol needs a credential that is not there, by key."""
+        errors = []
+        used = {p.gateway for p in self.profiles.values() if p.gateway is not None}
+        for name in sorted(used):
+            g = self.gateways[name]
+            if g.protocol == "generic-ws" or g.credential(env) is not None:
+                continue  # generic-ws: the bearer token is optional
+            if g.api_key_env is not None:
+                errors.append(f"gateways.{name}.api_key_env: the environment variable {g.api_key_env} is not set")
+            else:
+                errors.append(f"gateways.{name}.api_key: required by protocol {g.protocol} (or set api_key_env "
+                              "to the environment variable that holds it)")
+        return errors
 
     def problems(self, known_tools: set[str]) -> tuple[list[str], list[str]]:
         """Checks that need the tool registry: (errors, warnings), each naming its key."""
@@ -409,7 +545,20 @@ class Config(_Model):
                 )
         if self.gateway.url and not self.gateway.api_key:
             warnings.append("gateway.api_key: not set; `serve` needs it (set VOXBRIDGE_GATEWAY_API_KEY)")
+        for gname, g in self.gateways.items():
+            if g.protocol != "aillomvox" and g.vad.engine == "silero" and (problem := _silero_missing()):
+                errors.append(f"gateways.{gname}.vad.engine: {problem}, or choose engine: webrtcvad")
         return errors, warnings
+
+
+def _silero_missing() -> str | None:
+    """What is missing for the Silero VAD engine, or None (bridge/vad.py loads it)."""
+    from importlib.util import find_spec
+
+    if find_spec("onnxruntime") is None or find_spec("silero_vad") is None:
+        return ("silero needs onnxruntime and the silero-vad model: pip install 'voxbridge[silero]' && "
+                "pip install --no-deps silero-vad")
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -599,6 +748,10 @@ def _demo_or_url_error(data: Mapping[str, Any]) -> str | None:
     Only files are held to it: ``voxbridge serve`` with no file is the demo of the README, and
     ``Config()`` in code is the demo too.
     """
+    profiles = data.get("profiles")
+    if isinstance(profiles, Mapping) and profiles and all(
+            isinstance(p, Mapping) and p.get("gateway") for p in profiles.values()):
+        return None  # every profile names one of ``gateways``: the default gateway is never used
     gateway = data.get("gateway")
     if gateway is None:
         gateway = {}
@@ -630,10 +783,21 @@ def _origin(loc: tuple[int | str, ...], origins: Mapping[tuple[str, ...], str]) 
 def _error_lines(exc: ValidationError, origins: Mapping[tuple[str, ...], str] = {}) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts = list(err["loc"])
+        if len(parts) >= 3 and parts[0] == "gateways" and parts[2] in GATEWAY_PROTOCOLS:
+            del parts[2]  # pydantic names the discriminated union's branch: not a key the user wrote
+        loc = ".".join(str(p) for p in parts) or "(top level)"
         msg = err["msg"]
+        if not parts and (m := re.match(r"Value error, ([A-Za-z_][\w.-]*): (.*)", msg, re.S)):
+            loc, msg = m.group(1), m.group(2)  # a check across sections that names its key itself
         if err["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = err.get("ctx", {}).get("tag")
+            loc += ".protocol"
+            msg = (f"unknown protocol {tag!r}" if err["type"] == "union_tag_invalid" else "required") + \
+                f" (one of: {', '.join(GATEWAY_PROTOCOLS)})"
+            err = {**err, "type": "extra_forbidden"}  # the value is named already
         inp = err.get("input")
         if err["type"] not in ("extra_forbidden", "missing") and not isinstance(inp, (dict, list)):
             # (A validator of ours may have quoted the value already: "…, got 'http://x'".)

@@ -25,6 +25,7 @@ EVENT_TYPES = (
     "tool.called",
     "tool.completed",
     "dtmf",
+    "barge_in",
     "call.ended",
     "call.failed",
 )

@@ -37,6 +37,7 @@ from .gateway.base import (
     GatewayError,
     RemoteError,
     RemoteHangup,
+    ResponseDone,
     SessionSetup,
     ToolCall,
     Transcript,
@@ -52,6 +53,10 @@ log = logging.getLogger("voxbridge.call")
 MAX_DURATION_GRACE_S = 10.0
 #: Caller audio held while the gateway connection is being opened (bounded, oldest dropped).
 PRECONNECT_FRAMES = 100
+#: Before connecting, how long to wait for the caller's first audio frame, which tells the caller's
+#: rate (AudioSocket: the frame's kind): adapters choose their wire format from it (OpenAI Realtime
+#: speaks µ-law to an 8 kHz call, PCM 24 kHz to a 16 kHz one). Asterisk sends a frame every 20 ms.
+FIRST_FRAME_WAIT_S = 0.1
 #: "After the current sentence": wait for the queue to drain, then this long for more speech.
 SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
@@ -154,8 +159,14 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.playout = PlayoutBuffer(self.caller_rate, cfg.audiosocket.playout_max_seconds)
         self._up: Resampler | None = None
         self._down: Resampler | None = None
+        #: The bridge's own speech detector (bridge/vad.py), only when the gateway asks for one.
+        self._vad: Any = None
+        #: After a local barge-in, until the caller stops speaking: the AI's audio still arriving
+        #: is the rest of the answer the caller just cut off, and is dropped.
+        self._floor_taken = False
         self.gateway: Gateway | None = None
         self._preconnect: collections.deque[bytes] = collections.deque(maxlen=PRECONNECT_FRAMES)
+        self._first_frame = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self.router: ToolRouter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -272,6 +283,12 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         if self._fsm.state in FINISHING:
             return
         self._fsm.to(CallState.CONNECTING)
+        if not self._first_frame.is_set():
+            try:
+                async with asyncio.timeout(FIRST_FRAME_WAIT_S):
+                    await self._first_frame.wait()
+            except TimeoutError:
+                self.log.debug("no caller audio yet: assuming %d Hz", self.caller_rate)
         profile = self.profile
         prompt, missing = profile.render_prompt({"call_id": self.call_id, **self.variables},
                                                 template=settings.overrides.get("prompt"))
@@ -287,8 +304,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             farewell_message=settings.overrides.get("farewell_message", profile.farewell_message),
             max_duration=profile.max_duration,
             tools=services.tools.specs(profile.tools),
+            caller_rate=self.caller_rate,
         )
         gateway = services.gateways(self)
+        # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
+        gateway.playout_position = lambda: self.playout.consumed_s
         self.router = ToolRouter(
             services.tools, self, gateway.send_tool_result,
             allowed=list(profile.tools) + [a.tool for a in profile.dtmf.values()],
@@ -357,7 +377,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         gw = self.gateway
         if gw is None:
             self._preconnect.append(pcm)  # resampled when the gateway is connected
+            self._first_frame.set()
             return
+        vad = self._vad
+        if vad is not None and (what := vad.feed_chunk(pcm)) is not None:
+            self._on_local_speech(what)
         up = self._up
         gw.send_audio(up.process(pcm) if up is not None else pcm)
 
@@ -371,9 +395,46 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self._init_uplink()
 
     def _init_uplink(self) -> None:
-        grate = self.profile.sample_rate
-        self._up = None if grate == self.caller_rate else Resampler(self.caller_rate, grate)
-        self._down = None if grate == self.caller_rate else Resampler(grate, self.caller_rate)
+        gw = self.gateway
+        assert gw is not None
+        rate, out_rate, caller = gw.sample_rate, gw.output_rate or gw.sample_rate, self.caller_rate
+        self._up = None if rate == caller else Resampler(caller, rate)
+        self._down = None if out_rate == caller else Resampler(out_rate, caller)
+        # Only calls whose AI service cannot hear the caller interrupt pay for a detector.
+        if gw.local_vad is not None:
+            from .vad import make_detector
+
+            try:
+                self._vad = make_detector(gw.local_vad, caller)
+            except Exception as exc:  # noqa: BLE001 - checked at start-up; if it fails anyway, talk on
+                self.log.error("local VAD unavailable, no barge-in on this call: %s", exc)
+                self._vad = None
+
+    def _on_local_speech(self, what: str) -> None:
+        """The bridge's detector heard the caller start or stop speaking."""
+        gw = self.gateway
+        if what == "start":
+            heard_s = self.playout.consumed_s  # before the clear counts the dropped audio as passed
+            if not self.playout.empty:
+                self._barge_in("local")
+                # A service without barge-in of its own keeps streaming the answer it was giving:
+                # what still arrives while the caller speaks is stale (the next answer comes after).
+                self._floor_taken = True
+            if gw is not None:
+                gw.caller_speech_started(heard_s)
+        else:
+            self._floor_taken = False
+            if gw is not None:
+                gw.caller_speech_stopped()
+
+    def _barge_in(self, source: str) -> None:
+        """The caller spoke over the AI: what is queued for them is dropped now (the next tick is silence)."""
+        dropped = self.playout.clear()
+        if self._down is not None:
+            self._down.reset()
+        self.stats["barge_ins"] += 1
+        self.log.debug("barge-in (%s): dropped %d queued frames", source, dropped)
+        self._publish("barge_in", self.call_id, source=source, dropped_ms=dropped * 20)
 
     def on_tick(self) -> None:
         """The clock's 20 ms tick: exactly one frame to the caller."""
@@ -405,15 +466,14 @@ class CallSession:  # implements tools.base.CallControl (structurally)
                 await asyncio.sleep(0)
                 slice_end = loop.time() + DOWNLINK_SLICE_S
             if isinstance(event, AudioOut):
+                if self._floor_taken:
+                    self.stats["stale_audio_dropped"] += 1
+                    continue
                 pcm = self._down.process(event.pcm) if self._down is not None else event.pcm
                 self.playout.push(pcm)
                 self._audio_arrived.set()
             elif isinstance(event, ClearPlayback):
-                dropped = self.playout.clear()
-                if self._down is not None:
-                    self._down.reset()
-                self.stats["barge_ins"] += 1
-                self.log.debug("barge-in: dropped %d queued frames", dropped)
+                self._barge_in("gateway")
             elif isinstance(event, ToolCall):
                 assert self.router is not None
                 self.router.dispatch(event.call_id, event.name, event.args, problem=event.problem)
@@ -422,6 +482,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
                     item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
                     self.transcript.append(item)
                     self._publish("transcript", self.call_id, **item)
+            elif isinstance(event, ResponseDone):
+                self.stats["responses"] += 1
             elif isinstance(event, RemoteHangup):
                 self.log.info("gateway hung up")
                 self.end("gateway-hangup", after_speech=True, tail=0)
@@ -631,7 +693,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             "duration_s": round(time.monotonic() - self._t0, 3),
             **self._summary(),
             "caller_rate": self.caller_rate,
-            "gateway_rate": self.profile.sample_rate,
+            "gateway_rate": self.gateway.sample_rate if self.gateway is not None else self.profile.sample_rate,
             "transcript": list(self.transcript),
             "end_reason": self.end_reason,
         }

@@ -88,6 +88,7 @@ describe('Voxbridge Trigger description', () => {
 		expect(events?.type).toBe('multiOptions');
 		expect((events?.options ?? []).map((o) => (o as { value: string }).value).sort()).toEqual(
 			[
+				'barge_in',
 				'call.answered',
 				'call.ended',
 				'call.failed',

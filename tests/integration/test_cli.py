@@ -245,7 +245,28 @@ def test_a_dev_tool_command_loads_only_its_own_tool(command, option, module):
     rc, modules, out = run_main(command, "--help")
     assert rc == 0, out
     assert f"usage: voxbridge {command}" in out and option in out  # its full options
-    assert devtools_loaded(modules) == ["bridge.devtools", module]
+    # (the simulators share bridge/devtools/sim_common.py)
+    assert set(devtools_loaded(modules)) - {"bridge.devtools.sim_common"} == {"bridge.devtools", module}
+
+
+@pytest.mark.parametrize(("protocol", "option", "module"), [
+    ("generic-ws", "--ready-event", "bridge.devtools.sim_generic_ws"),
+    ("aivoco", "--greeting", "bridge.devtools.sim_aivoco"),
+    ("openai-realtime", "--no-echo", "bridge.devtools.sim_openai"),
+])
+def test_gateway_sim_protocol_loads_that_simulator_and_its_options(protocol, option, module):
+    rc, modules, out = run_main("gateway-sim", "--protocol", protocol, "--help")
+    assert rc == 0, out
+    assert option in out, out  # that simulator's own options
+    loaded = devtools_loaded(modules)
+    assert module in loaded
+    others = {"bridge.devtools.sim_generic_ws", "bridge.devtools.sim_aivoco", "bridge.devtools.sim_openai"} - {module}
+    assert not others & set(loaded), loaded  # and no other protocol's
+
+
+def test_gateway_sim_refuses_an_unknown_protocol():
+    rc, _modules, out = run_main("gateway-sim", "--protocol", "gemini")
+    assert rc != 0 and "invalid choice: 'gemini'" in out
 
 
 async def test_serve_with_a_gateway_url_loads_no_dev_tool(tmp_path):

@@ -252,3 +252,73 @@ def test_check_config_requires_the_gateway(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VOXBRIDGE_GATEWAY_URL", "wss://gw.example/ws")
     assert main(["check-config", str(path)]) == 0
     assert "gateway wss://gw.example/ws" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- named gateways
+
+
+def test_the_shipped_ai_backends_example_names_a_gateway_per_profile():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / "ai-backends.yaml", env={})
+    assert {n: p.gateway for n, p in cfg.profiles.items()} == {
+        "receptionist": "openai", "lab": "local-llm", "support": "aivoco", "demo": None}
+    assert {n: g.protocol for n, g in cfg.gateways.items()} == {
+        "openai": "openai-realtime", "local-llm": "generic-ws", "aivoco": "aivoco"}
+    # generic-ws's token is optional; the other two need theirs, named by key and variable.
+    assert cfg.credential_problems(env={}) == [
+        "gateways.aivoco.api_key_env: the environment variable AIVOCO_AUTH_KEY is not set",
+        "gateways.openai.api_key_env: the environment variable OPENAI_API_KEY is not set",
+    ]
+    assert cfg.credential_problems(env={"AIVOCO_AUTH_KEY": "a", "OPENAI_API_KEY": "sk"}) == []
+
+
+def test_gateway_mistakes_are_named_by_their_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "gateway: {demo: true}\n"
+        "gateways:\n"
+        "  ai: {protocol: openai-realtime, modle: x}\n"
+        "  g: {protocol: generic-ws, url: 'ws://x', sample_rate: 16000}\n"
+        "  z: {protocol: nope}\n"
+        "  k: {protocol: aivoco, api_key: a, api_key_env: B}\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    text = str(exc.value)
+    assert "gateways.ai.modle: unknown key (typo?)" in text
+    assert "gateways.g: Value error, audio_format g711_ulaw is 8000 Hz; sample_rate 16000 needs pcm16" in text
+    assert ("gateways.z.protocol: unknown protocol 'nope' (one of: aillomvox, generic-ws, aivoco, "
+            "openai-realtime)") in text
+    assert "gateways.k: Value error, api_key and api_key_env are both set: keep one" in text
+
+
+def test_a_profile_naming_an_unknown_gateway_is_refused_by_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gateways:\n  openai: {protocol: openai-realtime}\nprofiles:\n  default: {gateway: opneai}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    assert "profiles.default.gateway: no gateway named 'opneai' in gateways (openai)" in str(exc.value)
+
+
+def test_a_file_whose_profiles_all_name_a_gateway_needs_no_gateway_section(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gateways:\n  openai: {protocol: openai-realtime}\nprofiles:\n  default: {gateway: openai}\n")
+    cfg = load_config(f, env={})
+    assert not cfg.uses_default_gateway
+    g = cfg.gateways["openai"]
+    assert g.credential({"X": "y"}) is None and g.vad.mode is None  # the protocol's default (server)
+
+
+def test_the_bridge_refuses_to_start_without_a_credential_a_profile_needs(monkeypatch):
+    monkeypatch.delenv("VOXBRIDGE_TEST_OPENAI_KEY", raising=False)
+    cfg = Config.model_validate({
+        "gateways": {"openai": {"protocol": "openai-realtime", "api_key_env": "VOXBRIDGE_TEST_OPENAI_KEY"}},
+        "profiles": {"default": {"gateway": "openai"}},
+    })
+    with pytest.raises(ConfigError) as exc:
+        Bridge(cfg)
+    problem = "gateways.openai.api_key_env: the environment variable VOXBRIDGE_TEST_OPENAI_KEY is not set"
+    assert problem in str(exc.value)
+    monkeypatch.setenv("VOXBRIDGE_TEST_OPENAI_KEY", "sk-test")
+    Bridge(cfg)  # and with it, it builds

@@ -3,6 +3,11 @@ import type { INodePropertyOptions } from 'n8n-workflow';
 /** The event types of the bridge (README: "Control API, events and webhooks"). */
 export const VOXBRIDGE_EVENTS: INodePropertyOptions[] = [
 	{
+		name: 'Barge-In',
+		value: 'barge_in',
+		description: 'The caller spoke over the AI and its speech was cut',
+	},
+	{
 		name: 'Call Answered',
 		value: 'call.answered',
 		description: 'The AI is on the line',
