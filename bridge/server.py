@@ -135,7 +135,10 @@ class AudioSocketConnection(asyncio.Protocol):
         if self._uuid_timer is not None:
             self._uuid_timer.cancel()
         if self.session is not None:
-            self.session.on_caller_gone("caller-hangup" if exc is None else f"connection-lost: {exc}")
+            # A reset is how a peer that has closed answers a frame still in flight: the caller hung
+            # up (Asterisk ends AudioSocket by closing the socket) a moment before our last write.
+            hung_up = exc is None or isinstance(exc, ConnectionResetError | BrokenPipeError)
+            self.session.on_caller_gone("caller-hangup" if hung_up else f"connection-lost: {exc}")
 
     # -- frames
 
