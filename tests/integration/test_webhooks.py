@@ -5,16 +5,13 @@ through the control API of a real Bridge."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import bridge.webhooks
@@ -23,84 +20,12 @@ from bridge.events import EventBus
 from bridge.store import CallStore
 from bridge.supervise import Supervisor
 from bridge.webhooks import WebhookDispatcher, sign, verify_signature
-
-#: Generous: two shared cores, and the whole suite may be running.
-WAIT = 10.0
+from tests.http_receiver import WAIT, HttpReceiver
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-    @property
-    def event(self) -> dict[str, Any]:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """A real HTTP server (uvicorn, raw ASGI) that records every request per path.
-
-    ``script[path]``: statuses to answer, in order (then 200). ``gate[path]``: an asyncio.Event
-    the answer waits for (the request is recorded first, so a test can await its arrival).
-    """
-
-    def __init__(self) -> None:
-        self.requests: dict[str, asyncio.Queue[Received]] = collections.defaultdict(asyncio.Queue)
-        self.script: dict[str, list[int]] = {}
-        self.gate: dict[str, asyncio.Event] = {}
-        self.count: collections.Counter[str] = collections.Counter()
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.port = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        path = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        self.count[path] += 1
-        self.requests[path].put_nowait(Received(path, headers, body, time.monotonic()))
-        if (gate := self.gate.get(path)) is not None:
-            await gate.wait()
-        script = self.script.get(path)
-        status = script.pop(0) if script else 200
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    async def start(self) -> None:
-        # Bound and listening before uvicorn runs: clients can connect at once (the kernel queues
-        # them), so no waiting for "started".
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, interface="asgi3", lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="webhook-receiver")
-
-    async def stop(self) -> None:
-        for gate in self.gate.values():
-            gate.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, WAIT)
-
-    async def next(self, path: str, timeout: float = WAIT) -> Received:
-        return await asyncio.wait_for(self.requests[path].get(), timeout)
+class Receiver(HttpReceiver):
+    """The subscriber: ``script[path]`` statuses in order (then 200), ``gate[path]`` holds the answer
+    (tests/http_receiver.py)."""
 
 
 class BlackHole:
