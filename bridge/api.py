@@ -597,7 +597,9 @@ def create_app(bridge: Bridge) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "calls_active": len(bridge.sessions),
-                "ami_connected": bool(bridge.ami and bridge.ami.connected.is_set())}
+                "ami_connected": bool(bridge.ami and bridge.ami.connected.is_set()),
+                # MCP tool sources (tools/mcp.py): a source that is down leaves the bridge "ok"
+                "tool_sources": {s.name: s.health() for s in getattr(bridge, "tool_sources", ())}}
 
     @app.get("/v1/auth")
     async def auth_check() -> dict[str, bool]:

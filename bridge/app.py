@@ -43,6 +43,7 @@ from .event_hub import EventHub
 from .events import EventBus
 from .gateway.base import Gateway
 from .gateway.factory import DEMO_API_KEY, GatewayFactory
+from .hooks import CallHooks
 from .leg import CallerLeg
 from .metrics import BridgeMetrics
 from .playout import PlayoutClock
@@ -50,11 +51,14 @@ from .server import AudioSocketConnection, AudioSocketIngress, start_server
 from .session import CallServices, CallSession
 from .supervise import Supervisor
 from .telephony import Asterisk, OutboundDialer, TelephonyCall, parse_vars
-from .toolset import build_tools, make_http_client, make_telephony
+from .toolset import build_tools, first_tool_listing, make_http_client, make_telephony
 
 __all__ = ["DEMO_API_KEY", "Bridge", "build_tools", "make_telephony", "parse_vars"]
 
 log = logging.getLogger("voxbridge")
+
+#: How long start-up waits for the tool sources' first listing (each is up, or down and retrying).
+TOOL_SOURCES_WAIT_S = 3.0
 
 
 def _part_attribute(part: str, name: str) -> Any:
@@ -98,10 +102,14 @@ class Bridge:
             self.tools = build_tools(config, tools, self.asterisk.telephony, self.http)
         except ValueError as exc:  # e.g. an http tool header names a missing environment variable
             raise ConfigError(str(exc)) from None
+        try:  # the profiles' on_call_start / on_call_end hooks, sent through the webhook dispatcher
+            self.hooks = CallHooks(config, lambda: self.hub.webhooks, self.events, self.supervisor)
+        except ValueError as exc:  # e.g. a hook header names a missing environment variable
+            raise ConfigError(str(exc)) from None
         self.call_services = CallServices(
             config=config, clock=self.clock, events=self.events, tools=self.tools, gateways=self.gateways,
             settings=self.asterisk, fallbacks=self.asterisk, registry=self.calls, supervisor=self.supervisor,
-            metrics=self.metrics,
+            metrics=self.metrics, hooks=self.hooks,
         )
         self.api: Any = None
         errors, warnings = config.problems(self.tools.names)
@@ -115,6 +123,11 @@ class Bridge:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
     # ------------------------------------------------------------------ the façade's names for the parts
+
+    @property
+    def tool_sources(self) -> list[Any]:
+        """The MCP tool sources (tools/mcp.py), each with ``name`` and ``health()``."""
+        return list(self.tools.sources)
 
     @property
     def sessions(self) -> dict[str, CallSession]:
@@ -179,6 +192,11 @@ class Bridge:
         # AMI connects (and reconnects) in the background. The loop survives every failure of a
         # connection by itself; the supervisor catches a bug in the loop's own machinery.
         await self.asterisk.start(lambda run: self.supervisor.start("ami", run))
+        # MCP tool sources connect, list and reconnect in the background, like AMI. The first calls
+        # get their tools if they answer within TOOL_SOURCES_WAIT_S; one that is down stops nothing.
+        for source in self.tools.sources:
+            self.supervisor.start(f"tool_source.{source.name}", source.run)
+        await first_tool_listing(self.tool_sources, TOOL_SOURCES_WAIT_S)
         host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
         ingress = AudioSocketIngress(self.open_session, cfg.audiosocket.uuid_timeout, self.connections, self.metrics)
         self._server = await start_server(ingress, host, port, reuse_port=cfg.audiosocket.reuse_port)
@@ -224,6 +242,7 @@ class Bridge:
         await self.asterisk.stop()
         if api is not None:
             await api.stop()
+        await self.hooks.close()  # on_call_end deliveries still retrying: a short grace (before the hub's client)
         await self.hub.close()  # after the calls: their call.ended gets a chance to go out
         await self.http.aclose()
 

@@ -64,7 +64,7 @@ from pydantic import (
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 from .audiosocket import DTMF_DIGITS
-from .egress import WebhookAllowEntry
+from .egress import EgressPolicy, WebhookAllowEntry
 
 PROVIDERS = ("aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen")
 Provider = Literal["aillomvox", "openai", "gemini", "aws", "ultravox", "grok", "qwen"]
@@ -143,6 +143,39 @@ class Fallback(_Model):
         return self
 
 
+def _hook_url(v: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+    return v
+
+
+class StartHookConfig(_Model):
+    """``on_call_start``: POSTed the call's context before the AI is connected (bridge/hooks.py)."""
+
+    url: str
+    timeout: float = Field(2.0, gt=0, le=5, description="seconds; the call goes on with its defaults after it")
+    headers: dict[str, str] = Field(default_factory=dict, description="${ENV} expanded, as for http tools")
+    hmac_secret: SecretStr | None = None
+
+    _v = field_validator("url")(lambda v: _hook_url(v))
+
+
+class EndHookConfig(_Model):
+    """``on_call_end``: POSTed the call's outcome after it ended, signed and retried like webhooks."""
+
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict, description="${ENV} expanded, as for http tools")
+    hmac_secret: SecretStr | None = None
+    retries: int = Field(5, ge=0, le=10, description="more attempts after a failure (webhook back-off)")
+
+    _v = field_validator("url")(lambda v: _hook_url(v))
+
+
+class HooksConfig(_Model):
+    on_call_start: StartHookConfig | None = None
+    on_call_end: EndHookConfig | None = None
+
+
 class Profile(_Model):
     """An agent: who the AI is on this call and what it may do."""
 
@@ -156,9 +189,12 @@ class Profile(_Model):
     sample_rate: Literal[8000, 16000, 24000] = 8000
     max_duration: int = Field(300, ge=60, le=3600)
     tools: list[str] = Field(default_factory=lambda: ["end_call"])
+    tool_sources: list[str] = Field(default_factory=list,
+                                    description="keys of ``tool_sources``: all their tools are offered too")
     dtmf: dict[str, DtmfAction] = Field(default_factory=dict)
     variables: dict[str, str] = Field(default_factory=dict, description="defaults for prompt {placeholders}")
     fallback: Fallback = Field(default_factory=Fallback)
+    hooks: HooksConfig = Field(default_factory=HooksConfig, description="HTTP hooks at call start and end")
 
     @field_validator("dtmf")
     @classmethod
@@ -460,6 +496,32 @@ class ToolConfig(_Model):
         return self
 
 
+class ToolSourceConfig(_Model):
+    """A server whose tools are discovered, not declared (tools/mcp.py): ``kind: mcp``, an MCP server
+    (n8n's MCP Server Trigger, or any other), over streamable HTTP or SSE."""
+
+    kind: Literal["mcp"] = "mcp"
+    url: str
+    transport: Literal["streamable-http", "sse"] = "streamable-http"
+    headers: dict[str, str] = Field(default_factory=dict,
+                                    description='values may be "${ENV_VAR}" (read from the environment)')
+    include: list[str] = Field(default_factory=list, description="glob patterns of the server's tool names to "
+                                                                 "offer (empty: all)")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of tool names never offered")
+    prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="put before each tool's name")
+    refresh_s: float = Field(300.0, ge=1, le=86400, description="re-list the tools this often (and on the "
+                                                                 "server's list_changed)")
+    timeout: float = Field(DEFAULT_TOOL_DEADLINE, gt=0, le=TOOL_DEADLINE_MAX,
+                           description="seconds for one tool call (the tool deadline caps it)")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+", v):
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class StoreConfig(_Model):
     path: Path | None = Field(None, description="SQLite call history; unset = in memory only")
     redact_args: list[str] = Field(default_factory=list, description="tool argument names stored as '***'")
@@ -482,6 +544,8 @@ class Config(_Model):
     tool_concurrency: int = Field(8, ge=1, le=256, description="most tool calls running at once per call; "
                                                                "more are answered at once with a 'busy' error")
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    tool_sources: dict[str, ToolSourceConfig] = Field(default_factory=dict,
+                                                      description="servers whose tools are discovered (MCP)")
     default_profile: str = "default"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -496,6 +560,15 @@ class Config(_Model):
             if p.gateway is not None and p.gateway not in self.gateways:
                 known = ", ".join(self.gateways) or "none are configured"
                 raise ValueError(f"profiles.{pname}.gateway: no gateway named {p.gateway!r} in gateways ({known})")
+        policy: EgressPolicy | None = None
+        for pname, p in self.profiles.items():
+            for hook in ("on_call_start", "on_call_end"):
+                if (h := getattr(p.hooks, hook)) is not None:
+                    policy = policy or EgressPolicy(self.allow.webhooks)
+                    try:  # hooks go where webhooks may go (allow.webhooks)
+                        policy.check(h.url)
+                    except ValueError as exc:
+                        raise ValueError(f"profiles.{pname}.hooks.{hook}.url: {exc}") from None
         return self
 
     def profile(self, name: str | None) -> Profile:
@@ -530,6 +603,11 @@ class Config(_Model):
                 if t not in known_tools:
                     known = ", ".join(sorted(known_tools))
                     errors.append(f"profiles.{pname}.tools.{i}: unknown tool {t!r} (known: {known})")
+            for i, source in enumerate(p.tool_sources):
+                if source not in self.tool_sources:
+                    known = ", ".join(sorted(self.tool_sources)) or "none are configured"
+                    errors.append(f"profiles.{pname}.tool_sources.{i}: no tool source named {source!r} "
+                                  f"in tool_sources ({known})")
             for digit, action in p.dtmf.items():
                 if action.tool not in known_tools:
                     errors.append(f"profiles.{pname}.dtmf.{digit}.tool: unknown tool {action.tool!r}")
@@ -543,6 +621,11 @@ class Config(_Model):
                     f"profiles.{pname}: provider 'qwen' does not emit tool calls in realtime mode; "
                     f"its tools ({', '.join(p.tools)}) will never be called"
                 )
+        named = {s for p in self.profiles.values() for s in p.tool_sources}
+        for sname in self.tool_sources:
+            if sname not in named:
+                warnings.append(f"tool_sources.{sname}: no profile names it in its tool_sources, so its tools "
+                                "are never offered")
         if self.gateway.url and not self.gateway.api_key:
             warnings.append("gateway.api_key: not set; `serve` needs it (set VOXBRIDGE_GATEWAY_API_KEY)")
         for gname, g in self.gateways.items():

@@ -28,6 +28,7 @@ EVENT_TYPES = (
     "barge_in",
     "call.ended",
     "call.failed",
+    "hook.completed",
 )
 
 

@@ -130,6 +130,8 @@ class BridgeMetrics:
         self._tool_duration = Histogram("voxbridge_tool_duration_seconds",
                                         "How long tool calls took to answer, by outcome.", ["outcome"],
                                         buckets=TOOL_DURATION_BUCKETS, registry=r)
+        self._hooks = Counter("voxbridge_hook_calls", "Call hooks run (on_call_start, on_call_end), by outcome.",
+                              ["hook", "outcome"], registry=r)
         #: What ended calls reported of each per-call drop counter (see on_event).
         self._ended: collections.Counter[str] = collections.Counter()
         r.register(_LiveCollector(source, self._ended))
@@ -151,11 +153,15 @@ class BridgeMetrics:
         self._tool_duration.labels(outcome).observe(seconds)
 
     def on_event(self, event: Any) -> None:
-        """EventBus sink: fold an ended call's drop counters into the process totals.
+        """EventBus sink: fold an ended call's drop counters into the process totals, and count
+        the call hooks' outcomes (``hook.completed``).
 
         The bridge deregisters a call just before publishing its ``call.ended`` (synchronously,
         with no await between), so no scrape sees a call both live and ended.
         """
+        if event.type == "hook.completed":  # bridge/hooks.py
+            self._hooks.labels(str(event.data.get("hook")), str(event.data.get("outcome"))).inc()
+            return
         if event.type != "call.ended":
             return
         stats = event.data.get("stats")
@@ -236,6 +242,8 @@ class _LiveCollector(Collector):
         yield _counter("voxbridge_webhook_events_dropped", "Webhook events dropped (a subscriber's queue full, "
                        "or queued for one that answered 410 Gone).", wh.get("dropped", 0))
 
+        yield from _tool_source_metrics(getattr(s, "tool_sources", ()))
+
         live: collections.Counter[str] = collections.Counter()
         for call in list(sessions.values()):
             stats = call.stats
@@ -250,6 +258,22 @@ class _LiveCollector(Collector):
             value = max(self._last.get(key, 0.0), float(live[key] + self._ended.get(key, 0)))
             self._last[key] = value
             yield _counter(name, help_, value)
+
+
+def _tool_source_metrics(sources: Iterable[Any]) -> Iterator[Metric]:
+    """Per MCP tool source (tools/mcp.py): up or down, the tools it offers, the names refused."""
+    up = GaugeMetricFamily("voxbridge_tool_source_up", "1 if the tool source (MCP server) is connected.",
+                           labels=["source"])
+    tools = GaugeMetricFamily("voxbridge_tool_source_tools", "Tools a tool source offers now.", labels=["source"])
+    refused = GaugeMetricFamily("voxbridge_tool_source_refused",
+                                "Tools of a tool source refused at its last listing (name taken, bad schema).",
+                                labels=["source"])
+    for source in sources:
+        health = source.health()
+        up.add_metric([source.name], 1 if health["state"] == "up" else 0)
+        tools.add_metric([source.name], health["tools"])
+        refused.add_metric([source.name], health["refused"])
+    yield from (up, tools, refused)
 
 
 def _clock_metrics(clock: _Clock) -> Iterator[Metric]:

@@ -114,6 +114,28 @@ class TaskWatcher(Protocol):
     def watch(self, task: asyncio.Task[Any], name: str, on_crash: Callable[[BaseException], None]) -> Any: ...
 
 
+class CallHooks(Protocol):
+    """The profiles' on_call_start / on_call_end hooks (bridge/hooks.py)."""
+
+    async def call_starting(self, profile: str, context: dict[str, Any], settings: CallSettings,
+                            logger: Any = None) -> str | None: ...
+
+    def call_ended(self, profile: str, ended: Any) -> None: ...
+
+
+class _NoHooks:
+    async def call_starting(self, profile: str, context: dict[str, Any], settings: CallSettings,
+                            logger: Any = None) -> str | None:
+        return None
+
+    def call_ended(self, profile: str, ended: Any) -> None:
+        return None
+
+
+#: For services without hooks (a bridge wires bridge/hooks.py's CallHooks).
+NO_HOOKS = _NoHooks()
+
+
 class CallMetrics(Protocol):
     """The counters a call bumps (bridge/metrics.py)."""
 
@@ -136,6 +158,7 @@ class CallServices:
     registry: CallRegistryHooks
     supervisor: TaskWatcher
     metrics: CallMetrics
+    hooks: CallHooks = NO_HOOKS
 
 
 class CallSession:  # implements tools.base.CallControl (structurally)
@@ -279,10 +302,20 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self.end("refused: " + settings.refuse)
             return
         self._apply_settings(settings)
+        # The profile's on_call_start hook (if any) may change the profile, variables, metadata,
+        # prompt…, or refuse the call; within its timeout, else the call goes on as it is.
+        refusal: str | None = None
+        if self.profile.hooks.on_call_start is not None:
+            refusal = await services.hooks.call_starting(self.profile_name, self.context(), settings, self.log)
+            self._apply_settings(settings)
         self._publish("call.started", self.call_id, **self._summary())
         if self._fsm.state in FINISHING:
             return
         self._fsm.to(CallState.CONNECTING)
+        if refusal is not None:
+            self.log.warning("the on_call_start hook refused the call: %s", refusal)
+            await self._fallback(f"refused by the on_call_start hook: {refusal}")
+            return
         if not self._first_frame.is_set():
             try:
                 async with asyncio.timeout(FIRST_FRAME_WAIT_S):
@@ -294,6 +327,10 @@ class CallSession:  # implements tools.base.CallControl (structurally)
                                                 template=settings.overrides.get("prompt"))
         if missing:
             self.log.warning("prompt placeholders without a value: %s", ", ".join(sorted(set(missing))))
+        # The tools as they are now (a tool source's come and go): what the AI is offered is what
+        # this call may run, whatever the sources do meanwhile.
+        offered = services.tools.offered(profile.tools, profile.tool_sources)
+        tools = services.tools.snapshot(offered + [a.tool for a in profile.dtmf.values()])
         setup = SessionSetup(
             provider=profile.provider,
             sample_rate=profile.sample_rate,
@@ -303,15 +340,15 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             first_message=settings.overrides.get("first_message", profile.first_message),
             farewell_message=settings.overrides.get("farewell_message", profile.farewell_message),
             max_duration=profile.max_duration,
-            tools=services.tools.specs(profile.tools),
+            tools=tools.specs(offered),
             caller_rate=self.caller_rate,
         )
         gateway = services.gateways(self)
         # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
         gateway.playout_position = lambda: self.playout.consumed_s
         self.router = ToolRouter(
-            services.tools, self, gateway.send_tool_result,
-            allowed=list(profile.tools) + [a.tool for a in profile.dtmf.values()],
+            tools, self, gateway.send_tool_result,
+            allowed=offered + [a.tool for a in profile.dtmf.values()],
             deadline=services.config.tool_deadline, max_concurrent=services.config.tool_concurrency,
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
@@ -356,10 +393,10 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self.variables.setdefault("caller_id", s.channel.caller_num)
             self.variables.setdefault("caller_name", s.channel.caller_name)
 
-    def _publish(self, type: str, call_id: str, **data: Any) -> None:
+    def _publish(self, type: str, call_id: str, **data: Any) -> Any:
         """Publish a call event; every event echoes the call's metadata (from the API request)."""
         data.setdefault("metadata", dict(self.metadata))
-        self.services.events.publish(type, call_id, **data)
+        return self.services.events.publish(type, call_id, **data)
 
     def _summary(self) -> dict[str, Any]:
         ctx = self.context()
@@ -658,7 +695,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         gateway_stats: dict[str, int] = {}
         if self.gateway is not None:
             self._guard("reading the gateway's counters", lambda: gateway_stats.update(self.gateway.stats))
-        self._publish(
+        ended = self._publish(
             "call.ended", self.call_id, reason=reason, duration_s=round(duration, 3),
             transcript=list(self.transcript),
             tools=[{"tool": o.name, "outcome": o.outcome, "duration_ms": round(o.duration_ms, 1)}
@@ -666,6 +703,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             metadata=dict(self.metadata), profile=self.profile_name,
             stats={**self.stats, **gateway_stats},
         )
+        # In the background: the outcome goes to the profile's on_call_end hook, retried like a
+        # webhook, without holding up the teardown.
+        self._guard("starting the on_call_end hook", self.services.hooks.call_ended, self.profile_name, ended)
 
     def _teardown_crashed(self, exc: BaseException) -> None:
         if not self.ended.is_set():

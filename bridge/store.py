@@ -73,7 +73,19 @@ FAILURE_LOG_INTERVAL = 60.0
 TERMINAL_STATES = ("ended", "failed")
 #: The only event types the history needs; the others are not even queued.
 STORED_TYPES = frozenset({"call.started", "call.answered", "transcript", "tool.called", "tool.completed",
-                          "call.ended", "call.failed"})
+                          "hook.completed", "call.ended", "call.failed"})
+#: The call hooks' outcomes (bridge/hooks.py): added without a schema version bump (see _migrate).
+_HOOKS_TABLE = """CREATE TABLE IF NOT EXISTS hooks (
+    call_id     TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    hook        TEXT,
+    outcome     TEXT,
+    status      INTEGER,
+    duration_ms REAL,
+    changes     TEXT NOT NULL DEFAULT '[]',
+    at          REAL,
+    PRIMARY KEY (call_id, seq)
+)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -631,6 +643,8 @@ class CallStore:
             # Not a schema change (older versions read the file as before, so no version bump that
             # would stop a downgrade): the index retention deletes by, for files made before it.
             conn.execute("CREATE INDEX IF NOT EXISTS calls_ended_at ON calls (ended_at)")
+            # Likewise additive: the call hooks' outcomes (an older voxbridge ignores the table).
+            conn.execute(_HOOKS_TABLE)
             # Future versions: `if version < 2: ALTER TABLE …` here, in order.
             conn.execute("COMMIT")
         except BaseException:
@@ -671,7 +685,7 @@ class CallStore:
                 "ORDER BY ended_at LIMIT ?", (cutoff, *TERMINAL_STATES, limit))]
             if ids:
                 marks = ", ".join("?" * len(ids))
-                for table in ("transcripts", "tool_calls", "calls"):
+                for table in ("transcripts", "tool_calls", "hooks", "calls"):
                     conn.execute(f"DELETE FROM {table} WHERE call_id IN ({marks})", ids)
             conn.execute("COMMIT")
         except BaseException:
@@ -767,6 +781,15 @@ class CallStore:
                 (cid, self._tool_call_id(item), _str(d.get("tool")), _str(d.get("outcome")) or "unknown",
                  result if isinstance(result, str) or result is None else _json(result),
                  _num(d.get("duration_ms")), _str(d.get("origin")), item.ts))
+        elif item.type == "hook.completed":
+            changes = d.get("changes")
+            status = d.get("status")
+            c.execute("INSERT INTO hooks (call_id, seq, hook, outcome, status, duration_ms, changes, at) "
+                      "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ? FROM hooks WHERE call_id = ?",
+                      (cid, _str(d.get("hook")), _str(d.get("outcome")),
+                       status if isinstance(status, int) and not isinstance(status, bool) else None,
+                       _num(d.get("duration_ms")), _json(changes if isinstance(changes, list) else []), item.ts,
+                       cid))
         elif item.type == "call.failed":
             # Failed stays failed; call.ended (if the call had a session) adds the final reason.
             c.execute("UPDATE calls SET state = 'failed', end_reason = ?, ended_at = COALESCE(ended_at, ?) "
@@ -807,6 +830,7 @@ class CallStore:
         ids = [r[0] for r in rows]
         transcripts: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
         tools: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        hooks: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
         # Chunked: SQLite caps the number of bound parameters per statement.
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
@@ -819,8 +843,14 @@ class CallStore:
                     f"SELECT call_id, tool, outcome, duration_ms FROM tool_calls WHERE call_id IN ({marks}) "
                     "ORDER BY rowid", chunk):
                 tools[cid].append({"tool": tool, "outcome": outcome, "duration_ms": duration_ms})
+            for cid, hook, outcome, status, duration_ms, changes in c.execute(
+                    f"SELECT call_id, hook, outcome, status, duration_ms, changes FROM hooks "
+                    f"WHERE call_id IN ({marks}) ORDER BY call_id, seq", chunk):
+                hooks[cid].append({"hook": hook, "outcome": outcome, "status": status, "duration_ms": duration_ms,
+                                   "changes": _loads(changes, [])})
         return [{
             "call_id": r[0], "state": r[1], "direction": r[2], "profile": r[3], "caller": r[4], "called": r[5],
             "channel": r[6], "started_at": r[7], "ended_at": r[8], "duration_s": r[9], "end_reason": r[10],
             "metadata": _loads(r[11], {}), "transcript": transcripts[r[0]], "tools": tools[r[0]],
+            "hooks": hooks[r[0]],
         } for r in rows]

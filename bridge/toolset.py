@@ -2,7 +2,8 @@
 
 Built-ins (tools/builtin.py), the telephony tools over AMI (tools/ami.py, behind the allowlists of
 ``allow.transfer`` and ``allow.originate``), the HTTP and n8n tools of the configuration
-(tools/http.py), and any extra tools the embedding code passes. The bridge reaches the tools
+(tools/http.py), and any extra tools the embedding code passes; and the tool sources (MCP servers,
+tools/mcp.py), whose tools the registry holds while they are up. The bridge reaches the tools
 package only through here and through the interfaces tools/base.py and tools/router.py expose.
 """
 
@@ -13,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 from tools.ami import AMI_TOOLS, Telephony
 from tools.base import Tool, ToolRegistry
 from tools.builtin import BUILTINS
-from tools.http import build_http_tools
+from tools.http import build_http_tools, expand_headers
 from tools.http import make_client as make_http_client
+from tools.mcp import build_mcp_sources
+from tools.mcp import first_listing as first_tool_listing
 
 from .config import Config
 
-__all__ = ["build_tools", "make_http_client", "make_telephony"]
+__all__ = ["build_tools", "expand_headers", "first_tool_listing", "make_http_client", "make_telephony"]
 
 if TYPE_CHECKING:
     from .ami import AmiClient
@@ -45,4 +48,7 @@ def build_tools(config: Config, extra: list[Tool] | None = None, telephony: Tele
         registry.register(tool)
     for extra_tool in extra or []:
         registry.register(extra_tool)
+    # MCP servers (tool_sources): their tools arrive once bridge/app.py starts the sources.
+    for source in build_mcp_sources(config.tool_sources, registry.set_source_tools):
+        registry.add_source(source)
     return registry

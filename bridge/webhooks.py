@@ -56,6 +56,7 @@ import json
 import logging
 import secrets as _secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -160,6 +161,10 @@ class _Subscription:
         self.failed = 0
         self.dropped = 0
         self.burst_drops = 0
+        #: Extra request headers (a call hook's configured ones; subscriptions have none).
+        self.headers: Mapping[str, str] = {}
+        #: The status of the last answer (None: no answer yet, or the last attempt got none).
+        self.last_status: int | None = None
 
     def push(self, event: Event, totals: collections.Counter[str]) -> bool:
         """Queue ``event`` if this subscriber wants it; True if it was queued."""
@@ -383,19 +388,50 @@ class WebhookDispatcher:
             log.warning("webhook %s (%s): caught up; %d event(s) were dropped", sub.id, sub.host, sub.burst_drops)
             sub.burst_drops = 0
 
-    async def _deliver(self, sub: _Subscription, event: Event) -> bool:
+    async def deliver(self, name: str, target: Target, secret: str | None, event: Event, *,
+                      headers: Mapping[str, str] | None = None,
+                      max_attempts: int | None = None) -> tuple[str, int | None]:
+        """Deliver one event to ``target`` (checked by :attr:`policy`), outside the subscriptions:
+        a profile's ``on_call_end`` hook (bridge/hooks.py). The same wire format, signature (none
+        without a ``secret``), egress checks at every attempt, pinning and retries as a
+        subscription's delivery, with ``headers`` added (the bridge's own win) and
+        ``max_attempts`` (default: the dispatcher's). Not counted in :attr:`totals`; logs name it
+        ``name``. Returns (``delivered`` | ``failed`` | ``refused`` | ``gone``, the last HTTP status)."""
+        sub = _Subscription({"id": name, "url": target.origin, "secret": secret or "", "events": []}, 1, target)
+        sub.headers = dict(headers or {})
+        totals: collections.Counter[str] = collections.Counter()
+        gone = await self._deliver(sub, event, totals=totals, attempts=max_attempts)
+        outcome = "gone" if gone else "refused" if totals["refused"] else "failed" if totals["failed"] else "delivered"
+        return outcome, sub.last_status
+
+    async def post(self, target: Target, body: bytes, headers: Mapping[str, str], *,
+                   timeout: float) -> tuple[int, bytes]:
+        """One POST of ``body`` to ``target`` (checked by :attr:`policy`) under the delivery rules:
+        the host resolved and checked now, the request sent to a checked address, no redirects,
+        the whole exchange within ``timeout`` seconds, the answer read up to 64 KiB. For a
+        profile's ``on_call_start`` hook (bridge/hooks.py), which needs the answer. Returns
+        (status, body); raises EgressRefused, ResolveFailed, TimeoutError or an httpx/OS error."""
+        # identity: the answer is read raw (aiter_raw), so it must not come compressed.
+        status, _retry_after, answer = await self._post(
+            target, body, {**headers, "User-Agent": USER_AGENT, "Accept-Encoding": "identity"}, timeout=timeout)
+        return status, answer
+
+    async def _deliver(self, sub: _Subscription, event: Event, *, totals: collections.Counter[str] | None = None,
+                       attempts: int | None = None) -> bool:
         """Deliver one event with retries (bridge/retry.py). Returns True if the subscriber
-        answered 410 Gone."""
+        answered 410 Gone. ``totals``/``attempts``: for :meth:`deliver` (default: the dispatcher's)."""
+        totals = self.totals if totals is None else totals
+        attempts = self.max_attempts if attempts is None else attempts
         # Serialised once: every attempt sends (and signs) exactly the same bytes.
         body = json.dumps(event.as_dict(), ensure_ascii=False, separators=(",", ":"), default=str).encode()
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             log.info("webhook %s (%s): event %s attempt %d/%d failed (%s); retrying in %.1f s", sub.id,
-                     sub.host, event.id, state.attempt_number, self.max_attempts, exc, state.upcoming_sleep)
+                     sub.host, event.id, state.attempt_number, attempts, exc, state.upcoming_sleep)
 
         policy = retrying(
-            attempts=self.max_attempts,
+            attempts=attempts,
             backoff=Backoff(self.backoff_base, self.backoff_max, BACKOFF_JITTER, retry_after=_asked_wait),
             retry=retry_if_exception_type(_AttemptFailed),
             before_sleep=log_retry,
@@ -408,19 +444,19 @@ class WebhookDispatcher:
         except EgressRefused as exc:
             # Permanent: the host now resolves somewhere deliveries may not go. Retrying
             # would only knock on that door again.
-            self._failed(sub)
-            self.totals["refused"] += 1
+            self._failed(sub, totals)
+            totals["refused"] += 1
             log.warning("webhook %s (%s): event %s (%s) not delivered: %s", sub.id, sub.host, event.id,
                         event.type, exc)
             return False
         except _AttemptFailed as exc:
-            self._failed(sub)
+            self._failed(sub, totals)
             log.warning("webhook %s (%s): gave up on event %s (%s) after %d attempt(s); last: %s", sub.id,
-                        sub.host, event.id, event.type, self.max_attempts, exc)
+                        sub.host, event.id, event.type, attempts, exc)
             return False
         if not gone:
             sub.delivered += 1
-            self.totals["delivered"] += 1
+            totals["delivered"] += 1
         return gone
 
     async def _attempt(self, sub: _Subscription, event: Event, body: bytes) -> bool:
@@ -428,50 +464,55 @@ class WebhookDispatcher:
         :class:`_AttemptFailed` for anything worth retrying and EgressRefused for a refusal."""
         timestamp = str(int(time.time()))  # per attempt: receivers' replay windows see a fresh one
         headers = {
+            **sub.headers,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             "X-Voxbridge-Event": event.type,
             "X-Voxbridge-Event-Id": event.id,
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: sign(sub.secret, timestamp, body),
         }
+        if sub.secret:  # always, for subscriptions; a call hook may have no secret
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(sub.secret, timestamp, body)
+        sub.last_status = None
         try:
-            status, retry_after = await self._post(sub, body, headers)
+            assert sub.target is not None  # blocked subscriptions are never queued to
+            status, retry_after, _answer = await self._post(sub.target, body, headers)
         except ResolveFailed as exc:
             raise _AttemptFailed(str(exc)) from None
         except EgressRefused:
             raise
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             raise _AttemptFailed(type(exc).__name__) from None
+        sub.last_status = status
         if 200 <= status < 300:
             return False
         if status == 410:
             return True
         raise _AttemptFailed(f"HTTP {status}", _retry_after(retry_after))
 
-    def _failed(self, sub: _Subscription) -> None:
+    def _failed(self, sub: _Subscription, totals: collections.Counter[str] | None = None) -> None:
         sub.failed += 1
-        self.totals["failed"] += 1
+        (self.totals if totals is None else totals)["failed"] += 1
 
-    async def _post(self, sub: _Subscription, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+    async def _post(self, target: Target, body: bytes, headers: Mapping[str, str],
+                    timeout: float | None = None) -> tuple[int, str | None, bytes]:
         """One attempt: resolve and check the host, then POST to the first checked address that
         accepts a connection. Raises EgressRefused, ResolveFailed or a transport error."""
-        target = sub.target
-        assert target is not None  # blocked subscriptions are never queued to
+        timeout = self.timeout if timeout is None else timeout
         # asyncio.timeout bounds the whole exchange, DNS included; httpx's timeout alone is per
         # read, so a subscriber trickling bytes could otherwise hold its queue for ever.
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(timeout):
             addrs = await self.policy.resolve(target)
             for i, addr in enumerate(addrs):
                 try:
-                    return await self._post_to(target, addr, body, headers)
+                    return await self._post_to(target, addr, body, headers, timeout)
                 except httpx.ConnectError:  # nothing sent yet: the next address (localhost: ::1, then 127.0.0.1)
                     if i == len(addrs) - 1:
                         raise
         raise AssertionError("unreachable: resolve() returns at least one address")
 
-    async def _post_to(self, target: Target, addr: IPAddress, body: bytes,
-                       headers: dict[str, str]) -> tuple[int, str | None]:
+    async def _post_to(self, target: Target, addr: IPAddress, body: bytes, headers: Mapping[str, str],
+                       timeout: float) -> tuple[int, str | None, bytes]:
         # Pinned: connect to the address that was just checked, never to whatever the name
         # resolves to a moment later (DNS rebinding). The name still goes in Host and, for https,
         # in the SNI, against which httpx verifies the certificate.
@@ -483,13 +524,14 @@ class WebhookDispatcher:
             # verified for one name could carry a request meant for another name on that address.
             headers["Connection"] = "close"
         async with self._client.stream("POST", target.pinned_url(addr), content=body, headers=headers,
-                                       timeout=self.timeout, follow_redirects=False, extensions=extensions) as resp:
-            read = 0
+                                       timeout=timeout, follow_redirects=False, extensions=extensions) as resp:
+            answer = bytearray()
             async for chunk in resp.aiter_raw():
-                read += len(chunk)
-                if read > MAX_RESPONSE_BYTES:  # nobody needs it; stop (the connection is discarded)
+                answer += chunk
+                if len(answer) > MAX_RESPONSE_BYTES:  # nobody needs more; stop (the connection is discarded)
+                    del answer[MAX_RESPONSE_BYTES:]
                     break
-            return resp.status_code, resp.headers.get("retry-after")
+            return resp.status_code, resp.headers.get("retry-after"), bytes(answer)
 
     async def _gone(self, sub: _Subscription) -> None:
         """410 Gone: the subscriber asked to be unsubscribed."""

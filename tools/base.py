@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import abc
 import contextvars
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jsonschema
+
+log = logging.getLogger("voxbridge.tools")
 
 #: The id of the tool call being run (set by the router in each tool's task): HTTP tools send it
 #: as an idempotency key, so a workflow that is retried can recognise the same request.
@@ -117,14 +120,44 @@ class Tool(abc.ABC):
     async def run(self, call: CallControl, args: dict[str, Any]) -> Any: ...
 
 
+class ToolSource(Protocol):
+    """A server whose tools are discovered while the bridge runs (tools/mcp.py): it publishes its
+    current tools into the registry with :meth:`ToolRegistry.set_source_tools`."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self) -> None:
+        """Connect, list, keep listing and reconnect, until cancelled (a supervised part)."""
+
+    def health(self) -> dict[str, Any]:
+        """What /v1/health and /metrics say about this source."""
+
+
 class ToolRegistry:
-    """Tools by name, with their argument validators compiled once."""
+    """Tools by name, with their argument validators compiled once.
+
+    Tools registered with :meth:`register` stay for the process's life. A tool source's set
+    changes while the bridge runs (:meth:`set_source_tools` replaces it whole); a call works on
+    a :meth:`snapshot` taken when it starts, so what was offered to the AI is what it may call.
+    A name is held by whoever registered it first: a source's tool whose name is taken (by a
+    configured tool or another source) is refused and logged with both origins.
+    """
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        #: Who holds each name: "" for a registered tool, else the source's name.
+        self._holder: dict[str, str] = {}
+        #: Each source's tool names now, in the order it listed them.
+        self._source_names: dict[str, list[str]] = {}
+        #: Each source's refused names → why (logged when they first appear).
+        self._refused: dict[str, dict[str, str]] = {}
+        #: The sources whose tools this registry holds (bridge/app.py starts them).
+        self.sources: list[ToolSource] = []
 
-    def register(self, tool: Tool) -> Tool:
+    @staticmethod
+    def _compile(tool: Tool) -> jsonschema.protocols.Validator:
         if not tool.name or not tool.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"tool name {tool.name!r} must be letters, digits, '_' or '-'")
         cls = jsonschema.validators.validator_for(tool.parameters, default=jsonschema.Draft202012Validator)
@@ -132,13 +165,100 @@ class ToolRegistry:
             cls.check_schema(tool.parameters)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"tool {tool.name!r} has an invalid parameters schema: {exc.message}") from None
+        return cls(tool.parameters)
+
+    def register(self, tool: Tool) -> Tool:
+        validator = self._compile(tool)
         self._tools[tool.name] = tool
-        self._validators[tool.name] = cls(tool.parameters)
+        self._validators[tool.name] = validator
+        self._holder[tool.name] = ""
         return tool
+
+    def add_source(self, source: ToolSource) -> ToolSource:
+        """Hold ``source``'s tools (none until it publishes them)."""
+        if source.name in self._source_names:
+            raise ValueError(f"tool source {source.name!r} is added twice")
+        self.sources.append(source)
+        self._source_names[source.name] = []
+        self._refused[source.name] = {}
+        return source
+
+    @staticmethod
+    def _origin(holder: str) -> str:
+        return f"tool source {holder!r}" if holder else "a built-in or configured tool"
+
+    def set_source_tools(self, source: str, tools: Iterable[Tool]) -> dict[str, str]:
+        """Replace the tools of ``source`` with ``tools``; returns the refused ones: name → why.
+
+        Refused: a name held by a configured tool or another source (the first registered
+        keeps it), a name twice in ``tools``, a bad name or schema. Each refusal is logged
+        (warning) when it first appears, with both origins.
+        """
+        for name in self._source_names.get(source, []):
+            if self._holder.get(name) == source:
+                del self._tools[name], self._validators[name], self._holder[name]
+        kept: list[str] = []
+        refused: dict[str, str] = {}
+        for tool in tools:
+            holder = self._holder.get(tool.name)
+            if tool.name in kept:
+                refused[tool.name] = f"tool source {source!r} lists the name {tool.name!r} twice: the first is kept"
+                continue
+            if tool.name in refused:
+                continue
+            if holder is not None:
+                refused[tool.name] = (f"tool {tool.name!r} of tool source {source!r} refused: the name is "
+                                      f"already taken by {self._origin(holder)} (the first registered keeps it)")
+                continue
+            try:
+                validator = self._compile(tool)
+            except ValueError as exc:
+                refused[tool.name] = f"tool source {source!r}: {exc}"
+                continue
+            self._tools[tool.name] = tool
+            self._validators[tool.name] = validator
+            self._holder[tool.name] = source
+            kept.append(tool.name)
+        self._source_names[source] = kept
+        before = self._refused.get(source, {})
+        for name, why in refused.items():
+            if before.get(name) != why:
+                log.warning("%s", why)
+        self._refused[source] = refused
+        return refused
+
+    def source_tools(self, source: str) -> list[str]:
+        """The names ``source`` has in the registry now (none if it is down or unknown)."""
+        return list(self._source_names.get(source, []))
+
+    def refused(self, source: str) -> dict[str, str]:
+        """The names of ``source`` refused at its last listing: name → why."""
+        return dict(self._refused.get(source, {}))
+
+    def offered(self, tools: Sequence[str], sources: Sequence[str] = ()) -> list[str]:
+        """The names a profile offers now: its ``tools``, then every tool of its ``sources``."""
+        names = list(tools)
+        seen = set(names)
+        for source in sources:
+            for name in self._source_names.get(source, []):
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+        return names
+
+    def snapshot(self, names: Iterable[str]) -> ToolRegistry:
+        """A registry of just these tools as they are now (unknown names are left out): a call's
+        own view, unchanged by a source re-listing or going away during the call."""
+        snap = ToolRegistry()
+        for name in names:
+            if name in self._tools:
+                snap._tools[name] = self._tools[name]
+                snap._validators[name] = self._validators[name]
+                snap._holder[name] = self._holder[name]
+        return snap
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
-
     def __contains__(self, name: object) -> bool:
         return name in self._tools
 

@@ -94,6 +94,7 @@ describe('Voxbridge Trigger description', () => {
 				'call.failed',
 				'call.started',
 				'dtmf',
+				'hook.completed',
 				'tool.called',
 				'tool.completed',
 				'transcript',

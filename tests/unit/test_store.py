@@ -16,7 +16,7 @@ from bridge.store import BATCH_MAX, QUEUE_MAX, CallStore
 from bridge.supervise import Supervisor
 
 CALL_KEYS = {"call_id", "state", "direction", "profile", "caller", "called", "channel", "started_at", "ended_at",
-             "duration_s", "end_reason", "metadata", "transcript", "tools"}
+             "duration_s", "end_reason", "metadata", "transcript", "tools", "hooks"}
 
 
 @pytest.fixture
@@ -396,6 +396,8 @@ def ended_call(store: CallStore, call_id: str, ended_at: float, *, failed: bool 
     store.record(Event("transcript", call_id, {"role": "user", "text": "hello", "t": 1.0}, ts=start + 1))
     store.record(Event("tool.called", call_id, {"tool": "t", "tool_call_id": f"{call_id}-t", "args": {},
                                                 "origin": "gateway"}, ts=start + 2))
+    store.record(Event("hook.completed", call_id, {"hook": "on_call_start", "outcome": "ok", "status": 200,
+                                                   "duration_ms": 12.0, "changes": ["variables"]}, ts=start))
     if failed:
         store.record(Event("call.failed", call_id, {"reason": "gateway-error", "message": "x"}, ts=ended_at))
     else:
@@ -407,7 +409,7 @@ def rows(path, call_id: str) -> dict[str, int]:
     conn = sqlite3.connect(path)
     try:
         return {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE call_id = ?", (call_id,)).fetchone()[0]
-                for t in ("calls", "transcripts", "tool_calls")}
+                for t in ("calls", "transcripts", "tool_calls", "hooks")}
     finally:
         conn.close()
 
@@ -432,14 +434,15 @@ async def test_retention_deletes_old_ended_calls_with_their_rows_when_the_store_
     path = tmp_path / "calls.db"
     await history(path, {"old": (NOW - 40 * DAY, False), "old-failed": (NOW - 31 * DAY, True),
                          "recent": (NOW - 29 * DAY, False)})
-    assert rows(path, "old") == {"calls": 1, "transcripts": 1, "tool_calls": 1}
+    assert rows(path, "old") == {"calls": 1, "transcripts": 1, "tool_calls": 1, "hooks": 1}
 
     s = CallStore(path, retention_days=30, now=lambda: NOW)
     await s.start()
     try:
         await writer_idle()
-        assert rows(path, "old") == rows(path, "old-failed") == {"calls": 0, "transcripts": 0, "tool_calls": 0}
-        assert rows(path, "recent") == {"calls": 1, "transcripts": 1, "tool_calls": 1}
+        assert rows(path, "old") == rows(path, "old-failed") == {"calls": 0, "transcripts": 0, "tool_calls": 0,
+                                                                 "hooks": 0}
+        assert rows(path, "recent") == {"calls": 1, "transcripts": 1, "tool_calls": 1, "hooks": 1}
         assert s.pruned == 2
         # A call that never ended is not "older than retention_days", however old it is (a restart
         # closes such calls, with the time of the restart as their end).
@@ -642,3 +645,37 @@ async def test_the_bridge_wires_retention_and_its_supervisor_into_the_store(tmp_
         assert "voxbridge_store_errors_total 2" in bridge.metrics_text()
     finally:
         await bridge.stop()
+
+
+async def test_call_hooks_outcomes_are_kept_with_the_call_in_order(store):
+    bus = bus_for(store)
+    bus.publish("hook.completed", "h1", hook="on_call_start", outcome="timeout", status=None, duration_ms=2001.5,
+                profile="sales", changes=[], metadata={})
+    publish_call(bus, "h1")
+    bus.publish("hook.completed", "h1", hook="on_call_end", outcome="ok", status=204, duration_ms=8.0,
+                profile="sales", metadata={})
+    call = await store.get_call("h1")
+    assert call["hooks"] == [
+        {"hook": "on_call_start", "outcome": "timeout", "status": None, "duration_ms": 2001.5, "changes": []},
+        {"hook": "on_call_end", "outcome": "ok", "status": 204, "duration_ms": 8.0, "changes": []},
+    ]
+    assert call["state"] == "ended"  # the first event of the call (a hook) made its row; the rest filled it
+
+
+async def test_a_history_file_from_before_hooks_gets_the_table_on_start(tmp_path):
+    path = tmp_path / "old.db"
+    s = CallStore(path)
+    await s.start()
+    await s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE hooks")  # as a file written before the table existed
+    conn.commit()
+    conn.close()
+    s = CallStore(path)
+    await s.start()
+    try:
+        s.record(Event("hook.completed", "x", {"hook": "on_call_end", "outcome": "error", "status": 500}))
+        await s.flush()
+        assert (await s.get_call("x"))["hooks"][0]["status"] == 500
+    finally:
+        await s.close()

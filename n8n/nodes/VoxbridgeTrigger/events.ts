@@ -33,6 +33,11 @@ export const VOXBRIDGE_EVENTS: INodePropertyOptions[] = [
 		description: 'The caller pressed a key',
 	},
 	{
+		name: 'Hook Completed',
+		value: 'hook.completed',
+		description: 'A call hook ran: on_call_start or on_call_end (ok, refused, error, timeout…)',
+	},
+	{
 		name: 'Tool Called',
 		value: 'tool.called',
 		description: 'The AI called a tool',
