@@ -40,7 +40,8 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("websockets", "uvicorn.access", "httpx"):
+    # One INFO line per request (httpx2 is the mcp package's client: one per MCP tool call).
+    for noisy in ("websockets", "uvicorn.access", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

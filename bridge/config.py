@@ -77,6 +77,7 @@ DEFAULT_TOOL_DEADLINE = 14.0
 AMI_TOOL_NAMES = frozenset({"transfer", "hangup", "originate", "send_dtmf"})
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ConfigError(ValueError):
@@ -298,11 +299,26 @@ class _NamedGateway(_WebSocketTimings):
         return self
 
     def credential(self, env: Mapping[str, str] | None = None) -> str | None:
-        """The credential, from ``api_key`` or the variable ``api_key_env`` names (None if unset)."""
+        """The credential, from ``api_key`` or the variable ``api_key_env`` names (None if unset or
+        unusable). Surrounding whitespace is dropped (a secret mounted from a file ends in a newline);
+        one with a control character inside is unusable (:meth:`credential_problem` says so)."""
+        value = self._raw_credential(env)
+        return None if value is None or _CONTROL.search(value) else value
+
+    def _raw_credential(self, env: Mapping[str, str] | None) -> str | None:
         if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        if self.api_key_env is not None:
-            return (os.environ if env is None else env).get(self.api_key_env) or None
+            value: str | None = self.api_key.get_secret_value()
+        elif self.api_key_env is not None:
+            value = (os.environ if env is None else env).get(self.api_key_env)
+        else:
+            return None
+        return value.strip() or None if value is not None else None
+
+    def credential_problem(self, env: Mapping[str, str] | None = None) -> str | None:
+        """Why the credential that is there cannot be used (never its value), or None."""
+        value = self._raw_credential(env)
+        if value is not None and _CONTROL.search(value):
+            return "contains a control character (a line break or tab inside it?)"
         return None
 
 
@@ -345,6 +361,18 @@ class AivocoGatewayConfig(_NamedGateway):
     vad: VadConfig = Field(default_factory=VadConfig)
 
     _v = field_validator("url")(lambda v: _ws_url(v))
+
+    @model_validator(mode="after")
+    def _what_socketio_cannot_do(self) -> AivocoGatewayConfig:
+        # Liveness is Engine.IO's own heartbeat, set by the server (README); the API has no barge-in
+        # event: a setting that would be silently ignored is refused instead.
+        ignored = sorted({"keepalive_interval", "keepalive_timeout"} & self.model_fields_set)
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not for aivoco (Socket.IO's heartbeat, set by the server, "
+                             "detects a dead link)")
+        if self.vad.mode == "server":
+            raise ValueError("vad.mode server: the aivoco API has no barge-in event; use local (the default) or off")
+        return self
 
 
 class OpenAIRealtimeGatewayConfig(_NamedGateway):
@@ -585,6 +613,11 @@ class Config(_Model):
         used = {p.gateway for p in self.profiles.values() if p.gateway is not None}
         for name in sorted(used):
             g = self.gateways[name]
+            key = "api_key_env" if g.api_key_env is not None else "api_key"
+            if (problem := g.credential_problem(env)) is not None:
+                source = f" (from {g.api_key_env})" if g.api_key_env is not None else ""
+                errors.append(f"gateways.{name}.{key}: the credential{source} {problem}")
+                continue
             if g.protocol == "generic-ws" or g.credential(env) is not None:
                 continue  # generic-ws: the bearer token is optional
             if g.api_key_env is not None:

@@ -363,6 +363,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         except asyncio.CancelledError:
             await gateway.close()
             raise
+        except Exception as exc:  # an adapter's bug or a library's surprise: the caller still gets the fallback
+            self.log.exception("gateway set-up failed unexpectedly")
+            await self._guard_async("closing the gateway connection", gateway.close, timeout=3)
+            await self._fallback(f"gateway set-up failed ({type(exc).__name__})")
+            return
         self.gateway = gateway
         if self._fsm.state is CallState.CONNECTING:  # not if already ending (after speech, or at all)
             self._fsm.to(CallState.ACTIVE)
@@ -434,6 +439,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
     def _init_uplink(self) -> None:
         gw = self.gateway
         assert gw is not None
+        if self._floor_taken:  # a new detector will not report the end of the old one's speech
+            self._floor_taken = False
+            gw.caller_speech_stopped()
         rate, out_rate, caller = gw.sample_rate, gw.output_rate or gw.sample_rate, self.caller_rate
         self._up = None if rate == caller else Resampler(caller, rate)
         self._down = None if out_rate == caller else Resampler(out_rate, caller)

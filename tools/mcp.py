@@ -85,6 +85,8 @@ log = logging.getLogger("voxbridge.tools.mcp")
 CONNECT_TIMEOUT_S = 10.0
 #: The most tools one source may offer, and the most pages of ``tools/list`` read (bounded everything).
 MAX_TOOLS = 256
+#: Longest tool name offered (prefix included): the AI services' limit (OpenAI: 64).
+MAX_NAME_LENGTH = 64
 MAX_PAGES = 32
 #: The most characters of one answer handed to the AI (the rest is cut, with a mark).
 MAX_RESULT_CHARS = 64 * 1024
@@ -329,14 +331,16 @@ class McpToolSource:
             if not cursor or len(listed) >= MAX_TOOLS:
                 break
         self.listings += 1
-        tools = self._select(listed)
-        self.refused = self._publish(self.name, tools)
+        tools, too_long = self._select(listed)
+        self.refused = {**too_long, **self._publish(self.name, tools)}
         self.tools = [t.name for t in tools if t.name not in self.refused]
 
-    def _select(self, listed: list[mt.Tool]) -> list[McpTool]:
-        """``include``/``exclude`` (on the server's names), then ``prefix`` and a name the AI accepts."""
+    def _select(self, listed: list[mt.Tool]) -> tuple[list[McpTool], dict[str, str]]:
+        """``include``/``exclude`` (on the server's names), then ``prefix`` and a name the AI accepts;
+        and the tools refused for a name too long to offer (name → why)."""
         cfg = self.cfg
         out: list[McpTool] = []
+        too_long: dict[str, str] = {}
         for tool in listed:
             remote = tool.name
             if cfg.include and not any(fnmatch.fnmatchcase(remote, p) for p in cfg.include):
@@ -344,12 +348,21 @@ class McpToolSource:
             if any(fnmatch.fnmatchcase(remote, p) for p in cfg.exclude):
                 continue
             name = cfg.prefix + _NOT_NAME.sub("_", remote)
+            if len(name) > MAX_NAME_LENGTH:
+                # The AI services refuse the whole session set-up for one such name (OpenAI:
+                # function names of at most 64 characters), which would fail every call.
+                why = f"name longer than {MAX_NAME_LENGTH} characters"
+                if name not in self.refused:
+                    log.warning("tool source %s: tool %r refused: %s (shorten it, or a shorter prefix)",
+                                self.name, name, why)
+                too_long[name] = why
+                continue
             if len(out) >= MAX_TOOLS:
                 log.warning("tool source %s offers more than %d tools: the rest are left out (use include)",
                             self.name, MAX_TOOLS)
                 break
             out.append(McpTool(self, tool, name))
-        return out
+        return out, too_long
 
     async def _set_down(self, reason: str) -> None:
         self._session = None

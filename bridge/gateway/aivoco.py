@@ -417,7 +417,11 @@ class AivocoGateway(Gateway):
                                       wait_timeout=self._connect_timeout)
                 except socketio.exceptions.ConnectionError as exc:
                     raise GatewayError(f"cannot connect to aivoco gateway {where}: {exc}") from None
-                await sio.emit(START_CALL, start)
+                try:
+                    await sio.emit(START_CALL, start)
+                except socketio.exceptions.SocketIOError as exc:  # e.g. dropped right after the handshake
+                    raise GatewayError(f"aivoco gateway {where} went away before start_call: "
+                                       f"{type(exc).__name__}") from None
                 await self._setup_done.wait()
         except TimeoutError:
             await self._abandon()

@@ -236,8 +236,11 @@ class WebSocketGateway(Gateway):
             assert isinstance(ws, UplinkConnection)  # what create_connection makes
             self._ws = ws
         except (TimeoutError, OSError, websockets.exceptions.WebSocketException) as exc:
-            raise GatewayError(f"cannot connect to {self.protocol_name} gateway {redact_url(self._url)}: "
-                               f"{exc or type(exc).__name__}") from None
+            # A header websockets refuses is quoted in its message, and ours carry credentials.
+            why = ("a request header websockets refused (not shown: it may hold a credential)"
+                   if isinstance(exc, websockets.exceptions.InvalidHeader) else str(exc) or type(exc).__name__)
+            raise GatewayError(f"cannot connect to {self.protocol_name} gateway {redact_url(self._url)}: {why}") \
+                from None
         try:
             for message in self._opening(setup):
                 await self._ws.send(message)

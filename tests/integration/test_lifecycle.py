@@ -363,3 +363,41 @@ async def test_a_gateway_that_closes_cleanly_ends_the_call_as_gateway_closed(mak
 def test_keepalive_settings_must_be_positive():
     with pytest.raises(ValueError, match="keepalive_timeout must be a positive number of seconds, got 0"):
         AillomVoxGateway("ws://127.0.0.1:9/ws", "k", keepalive_timeout=0)
+
+
+class SurprisingGateway(AillomVoxGateway):
+    """An adapter whose set-up fails with something other than GatewayError (a library's own
+    exception, a bug): the caller must still get the fallback, and the connection be closed."""
+
+    closed = 0
+
+    async def connect(self, setup) -> None:
+        await super().connect(setup)
+        raise KeyError("injected: not a GatewayError")
+
+    async def close(self) -> None:
+        SurprisingGateway.closed += 1
+        await super().close()
+
+
+async def test_an_unexpected_error_in_gateway_setup_still_gives_the_caller_the_fallback(
+        make_bridge, sim, dial, tmp_path, caplog):
+    wav = tmp_path / "sorry.wav"
+    write_wav(wav, tone(350, 600, 8000), 8000)
+    bridge = await make_bridge(profile={"first_message": None, "fallback": {"message_wav": str(wav)}})
+    bridge._gateway_factory = lambda s: SurprisingGateway(sim.url, API_KEY, settle_ms=0, call_id=s.call_id)
+    events = bridge.events.subscribe()
+    caller = await dial(bridge)
+    assert await caller.wait_ended(10) == "hangup-frame"  # back to the dialplan, after the message
+    data, off, heard = bytes(caller.received_audio), 0, []
+    for _t, _kind, n in caller.received_frames:
+        payload = data[off:off + n]
+        off += n
+        if np.abs(np.frombuffer(payload, "<i2")).max(initial=0) > 500:
+            heard.append(payload)
+    assert len(heard) >= 25  # the fallback message, not a bare hang-up
+    ended = [e for e in drain(events) if e.type == "call.ended"]
+    assert ended and ended[0].data["reason"] == "fallback:gateway set-up failed (KeyError)"
+    assert SurprisingGateway.closed >= 1  # its connection released
+    assert "gateway set-up failed unexpectedly" in caplog.text
+    bridge._gateway_factory = None

@@ -208,6 +208,16 @@ async def test_wrong_key_is_refused_at_the_handshake(sim: OpenAIRealtimeSim) -> 
     await gw.close()
 
 
+async def test_a_key_the_header_cannot_carry_is_refused_without_showing_it(sim: OpenAIRealtimeSim) -> None:
+    """websockets quotes a header it refuses, credential included: the error (which becomes the
+    call's end reason, in events, webhooks and history) must not carry it."""
+    gw = OpenAIRealtimeGateway(sim.url, "sk-SECRET-0123\nX")
+    with pytest.raises(GatewayError) as exc:
+        await gw.connect(SessionSetup(provider="openai", sample_rate=8000, system_prompt="x"))
+    assert "SECRET" not in str(exc.value) and "header" in str(exc.value)
+    await gw.close()
+
+
 async def test_the_sim_refuses_a_misspelt_event_with_an_error_naming_it(sim: OpenAIRealtimeSim) -> None:
     call, session = await open_call(sim)
     await call.gw.send_json({"type": "conversation.item.truncate", "event_id": "ev_bad", "item_id": "x",

@@ -322,3 +322,30 @@ def test_the_bridge_refuses_to_start_without_a_credential_a_profile_needs(monkey
     assert problem in str(exc.value)
     monkeypatch.setenv("VOXBRIDGE_TEST_OPENAI_KEY", "sk-test")
     Bridge(cfg)  # and with it, it builds
+
+
+def test_a_credential_is_trimmed_and_one_with_a_control_character_is_refused_unseen():
+    """A secret mounted from a file ends in a newline: trimmed. One with a line break inside would
+    be refused by the WebSocket library with the whole header — key included — in its message."""
+    cfg = Config.model_validate({"gateways": {"openai": {"protocol": "openai-realtime", "api_key_env": "K"}},
+                                 "profiles": {"default": {"gateway": "openai"}}})
+    g = cfg.gateways["openai"]
+    assert g.credential({"K": "sk-abc\n"}) == "sk-abc"
+    assert g.credential({"K": "sk-ab\nc"}) is None
+    problems = cfg.credential_problems({"K": "sk-ab\nc"})
+    assert problems == [("gateways.openai.api_key_env: the credential (from K) contains a control character "
+                         "(a line break or tab inside it?)")]
+    assert "sk-ab" not in problems[0]
+
+
+def test_aivoco_refuses_settings_it_would_silently_ignore(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gateways:\n  a: {protocol: aivoco, keepalive_interval: 3, vad: {mode: server}}\n"
+                 "profiles:\n  default: {gateway: a}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    assert "gateways.a: Value error, keepalive_interval: not for aivoco" in str(exc.value)
+    f.write_text("gateways:\n  a: {protocol: aivoco, vad: {mode: server}}\nprofiles:\n  default: {gateway: a}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    assert "vad.mode server: the aivoco API has no barge-in event" in str(exc.value)

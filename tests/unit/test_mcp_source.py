@@ -158,12 +158,17 @@ def test_a_snapshot_is_what_the_call_was_offered() -> None:
     assert registry.offered(["end_call"], ["unknown"]) == ["end_call"]
 
 
+def _select_tools(src: McpToolSource, listed_tools: list[mt.Tool]) -> list[Any]:
+    """The tools part of ``McpToolSource._select`` (the rest: names refused as too long)."""
+    return src._select(listed_tools)[0]
+
+
 # --------------------------------------------------------------------------- listing
 
 
 def test_include_exclude_prefix_and_names_the_ai_accepts() -> None:
     src, registry = source(include=["order*", "stock", "get.*"], exclude=["*_admin"], prefix="shop_")
-    src.refused = registry.set_source_tools("shop", src._select([
+    src.refused = registry.set_source_tools("shop", _select_tools(src, [
         listed("order_status", required=["order_id"]), listed("order_admin"), listed("stock"),
         listed("get.weather"), listed("refund")]))
     names = registry.source_tools("shop")
@@ -176,7 +181,7 @@ def test_include_exclude_prefix_and_names_the_ai_accepts() -> None:
 
 def test_a_schema_without_type_is_an_object() -> None:
     src, _ = source()
-    (tool,) = src._select([mt.Tool(name="t", input_schema={"properties": {"a": {"type": "string"}}})])
+    (tool,) = _select_tools(src, [mt.Tool(name="t", input_schema={"properties": {"a": {"type": "string"}}})])
     assert tool.parameters == {"properties": {"a": {"type": "string"}}, "type": "object"}
     assert tool.description == ""
 
@@ -240,7 +245,7 @@ async def run_tool(src: McpToolSource, registry: ToolRegistry, name: str, *, dea
 
 async def test_is_error_becomes_the_servers_text() -> None:
     src, registry = source()
-    registry.set_source_tools("shop", src._select([listed("cancel")]))
+    registry.set_source_tools("shop", _select_tools(src, [listed("cancel")]))
     src._session = FakeSession(mt.CallToolResult(  # type: ignore[assignment]
         content=[mt.TextContent(type="text", text="order A17 has shipped")], is_error=True))
     outcome, text = await run_tool(src, registry, "cancel")
@@ -251,7 +256,7 @@ async def test_a_protocol_error_is_a_tool_error_and_keeps_the_session() -> None:
     from mcp.shared.exceptions import MCPError
 
     src, registry = source()
-    registry.set_source_tools("shop", src._select([listed("stock")]))
+    registry.set_source_tools("shop", _select_tools(src, [listed("stock")]))
     session = FakeSession(MCPError(mt.INVALID_PARAMS, "sku is required"))
     src._session = session  # type: ignore[assignment]
     outcome, text = await run_tool(src, registry, "stock")
@@ -261,7 +266,7 @@ async def test_a_protocol_error_is_a_tool_error_and_keeps_the_session() -> None:
 
 async def test_a_timed_out_request_is_cancelled_and_the_session_stays() -> None:
     src, registry = source(timeout=0.3)
-    registry.set_source_tools("shop", src._select([listed("hang")]))
+    registry.set_source_tools("shop", _select_tools(src, [listed("hang")]))
     session = FakeSession(hang=True)
     src._session = session  # type: ignore[assignment]
     outcome, text = await run_tool(src, registry, "hang")
@@ -271,7 +276,7 @@ async def test_a_timed_out_request_is_cancelled_and_the_session_stays() -> None:
 
 async def test_connection_lost_elsewhere_fails_the_waiting_call_at_once() -> None:
     src, registry = source()
-    registry.set_source_tools("shop", src._select([listed("hang")]))
+    registry.set_source_tools("shop", _select_tools(src, [listed("hang")]))
     session = FakeSession(hang=True)
     src._session = session  # type: ignore[assignment]
 
@@ -293,7 +298,7 @@ async def test_a_closed_stream_is_a_lost_connection() -> None:
     import anyio
 
     src, registry = source()
-    registry.set_source_tools("shop", src._select([listed("stock")]))
+    registry.set_source_tools("shop", _select_tools(src, [listed("stock")]))
     session = FakeSession(anyio.ClosedResourceError())
     src._session = session  # type: ignore[assignment]
     outcome, text = await run_tool(src, registry, "stock")
@@ -303,7 +308,7 @@ async def test_a_closed_stream_is_a_lost_connection() -> None:
 
 async def test_down_withdraws_the_tools_and_says_why() -> None:
     src, registry = source()
-    src.refused = registry.set_source_tools("shop", src._select([listed("stock"), listed("end_call")]))
+    src.refused = registry.set_source_tools("shop", _select_tools(src, [listed("stock"), listed("end_call")]))
     src.tools = registry.source_tools("shop")
     assert src.tools == ["stock"] and list(src.refused) == ["end_call"]
     await src._set_down("ConnectError: refused")
@@ -324,3 +329,14 @@ async def test_run_survives_a_server_that_is_not_there() -> None:
         await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
 
+
+
+def test_a_name_too_long_for_the_ai_services_is_refused_not_offered(caplog) -> None:
+    """One over-long function name makes OpenAI refuse the whole session.update, failing every
+    call: it is refused at listing time instead, and the others are offered."""
+    src, _registry = source(prefix="acme_crm_")
+    long_remote = "look_up_the_customer_record_by_phone_number_and_account_id_v2"  # 62 + prefix > 64
+    tools, too_long = src._select([listed(long_remote), listed("stock")])
+    assert [t.name for t in tools] == ["acme_crm_stock"]
+    assert too_long == {f"acme_crm_{long_remote}": "name longer than 64 characters"}
+    assert f"acme_crm_{long_remote}" in caplog.text
