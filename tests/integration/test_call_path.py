@@ -112,8 +112,9 @@ async def test_a_burst_of_ai_audio_is_played_in_real_time(make_bridge, sim, dial
     assert 2.85 < span < 3.15  # 3 s of audio took 3 s to play, not 0.5
     jitter_ms = np.abs(np.diff(times) - 0.020) * 1000
     # Well under a frame; a frame or two may be held up by the loaded test machine (a collector
-    # pause late in a long suite), never by more than a frame. The bench measures tight figures.
-    assert np.percentile(jitter_ms, 95) < 8 and jitter_ms.max() < 20
+    # pause late in a long suite). A bursting bridge puts most frames ~20 ms off. The bench
+    # measures the tight figures.
+    assert np.percentile(jitter_ms, 95) < 8 and np.count_nonzero(jitter_ms > 20) <= 2
     heard = b"".join(p for _, p in frames)
     assert dominant_hz(heard, 8000) == pytest.approx(440, abs=5)  # the tone that went in
     await caller.aclose()

@@ -200,9 +200,11 @@ async def test_a_2s_burst_from_the_ai_is_heard_over_2s_in_20ms_frames(rig, bridg
     assert {len(p) for _, p in frames} == {frame}
     assert 1.85 < times[-1] - times[0] < 2.15  # 2 s of audio took 2 s to play
     jitter_ms = np.abs(np.diff(times) - 0.020) * 1000
-    # Paced, not bursting: a 2 s burst sent at once and played in 2 s has frames 20 ms apart; the
-    # bounds leave room for a loaded test machine (the bench measures the tight figures).
-    assert np.percentile(jitter_ms, 95) < 8 and jitter_ms.max() < 20
+    # Paced, not bursting: a 2 s burst sent at once and played in 2 s has frames 20 ms apart (a
+    # burst would put most frames ~20 ms off). The bounds leave room for a loaded test machine: late
+    # in the full suite a collector pause can hold one frame up by a frame or more (seen: 33 ms).
+    # The bench measures the tight figures.
+    assert np.percentile(jitter_ms, 95) < 8 and np.count_nonzero(jitter_ms > 20) <= 2
     heard = b"".join(p for _, p in frames)
     assert analyse(heard, caller_rate)["dominant_hz"] == pytest.approx(440, abs=6)
 
