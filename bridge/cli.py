@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -43,6 +44,17 @@ def setup_logging(level: str) -> None:
     # One INFO line per request (httpx2 is the mcp package's client: one per MCP tool call).
     for noisy in ("websockets", "uvicorn.access", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up (modules, config, the parts) out of the collector's reach.
+
+    A full collection walks every tracked object, and with the AI adapters, their libraries and the
+    VAD loaded that is ~200 000 objects: ~80 ms measured on this project's 2-core VM, during which no
+    call gets a frame. Frozen, a full collection walks only what calls create (gc.freeze(), the
+    documented way for long-running servers)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_config(args: argparse.Namespace):
@@ -79,6 +91,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await bridge.start()
+    freeze_startup_heap()
     host, port = bridge.audiosocket_address
     print(f"voxbridge {__version__} ready: AudioSocket on {host}:{port}"
           + (f", gateway {bridge.gateway_url} (embedded demo)" if cfg.gateway.url is None else ""), flush=True)

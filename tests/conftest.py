@@ -81,6 +81,17 @@ class E2ESkipWatch:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze the test process's heap once everything is imported (as ``voxbridge serve`` freezes its
+    own after start-up: bridge/cli.py): a full collection over every module of the suite takes
+    ~80 ms, a pause every call in the process would feel, which timing assertions then blame on the
+    bridge."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin(E2ESkipWatch.name):
         config.pluginmanager.register(E2ESkipWatch(), E2ESkipWatch.name)
