@@ -101,7 +101,7 @@ async def _bridge_main(args: argparse.Namespace) -> int:
     """One bridge process: what ``voxbridge serve`` runs, plus the no-op tool and a stats dump
     on SIGUSR1 (clock phase and counters, for the analysis)."""
     from ..app import Bridge
-    from ..cli import setup_logging
+    from ..cli import freeze_startup_heap, setup_logging
     from ..config import load_config
 
     cfg = load_config(args.config, env={})
@@ -113,6 +113,7 @@ async def _bridge_main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _dump_bridge_stats(bridge, args.stats))
     await bridge.start()
+    freeze_startup_heap()  # as `voxbridge serve` does
     print("ready", flush=True)
     try:
         await stop.wait()
