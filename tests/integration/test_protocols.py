@@ -22,7 +22,7 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Config
-from bridge.devtools.dial import AudioSocketCaller, analyse, tone
+from bridge.devtools.dial import analyse, tone
 from bridge.devtools.gateway_sim import GatewaySim, speechlike
 from bridge.devtools.gateway_sim import tone as sim_tone
 from bridge.devtools.sim_aivoco import AivocoSim
@@ -105,22 +105,6 @@ async def bridge_for(rig: Rig) -> AsyncIterator[Any]:
     for b in bridges:
         assert b.sessions == {}, f"sessions left behind: {list(b.sessions)}"
         assert len(b.clock) == 0, "playout clock still has sinks"
-
-
-@pytest.fixture
-async def dial() -> AsyncIterator[Any]:
-    callers: list[AudioSocketCaller] = []
-
-    async def factory(bridge: Bridge, rate: int = 8000) -> AudioSocketCaller:
-        c = AudioSocketCaller()
-        host, port = bridge.audiosocket_address
-        await c.connect(host, port, sample_rate=rate)
-        callers.append(c)
-        return c
-
-    yield factory
-    for c in callers:
-        await c.aclose()
 
 
 async def accepted(rig: Rig, timeout: float = 5) -> Any:
