@@ -21,6 +21,8 @@ order. The parts, each with one job:
 ``clock``              the playout clock, one tick for every call (bridge/playout.py)
 AudioSocket server     the caller legs (bridge/server.py); each call is a
                        :class:`~bridge.session.CallSession` given :attr:`Bridge.call_services`
+``ari``                the other way in (``ingress: ari``): Stasis calls, RTP legs
+                       (bridge/ari_ingress.py)
 ``api``                the HTTP API (bridge/api.py), when enabled
 =====================  ==========================================================================
 
@@ -90,6 +92,8 @@ class Bridge:
         self.hub = EventHub(config, self.supervisor, self.events)
         self.gateways = GatewayFactory(config, gateway_factory)
         self._server: asyncio.Server | None = None
+        #: The ARI ingress (bridge/ari_ingress.py) when ``ingress`` names ari.
+        self.ari: Any = None
         self._sim: Any = None
         # A bug the AMI loop survived (it logs the traceback and reconnects) still counts as a
         # crash of the "ami" part in /metrics.
@@ -197,10 +201,23 @@ class Bridge:
         for source in self.tools.sources:
             self.supervisor.start(f"tool_source.{source.name}", source.run)
         await first_tool_listing(self.tool_sources, TOOL_SOURCES_WAIT_S)
-        host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
-        ingress = AudioSocketIngress(self.open_session, cfg.audiosocket.uuid_timeout, self.connections, self.metrics)
-        self._server = await start_server(ingress, host, port, reuse_port=cfg.audiosocket.reuse_port)
-        log.info("AudioSocket listening on %s:%d (max %d calls)", *self.audiosocket_address, cfg.audiosocket.max_calls)
+        if "audiosocket" in cfg.ingress:
+            host, port = parse_hostport(cfg.audiosocket.listen, "audiosocket.listen")
+            ingress = AudioSocketIngress(self.open_session, cfg.audiosocket.uuid_timeout, self.connections,
+                                         self.metrics)
+            self._server = await start_server(ingress, host, port, reuse_port=cfg.audiosocket.reuse_port)
+            log.info("AudioSocket listening on %s:%d (max %d calls)", *self.audiosocket_address,
+                     cfg.audiosocket.max_calls)
+        if "ari" in cfg.ingress:
+            from . import ari_ingress
+
+            self.ari = ari_ingress.build(cfg, open_call=self.open_session, refusal=self.calls.refusal,
+                                         pending=self.calls.pending, resolved=self.asterisk.resolved,
+                                         on_fault=lambda exc: self.supervisor.crashes.update(["ari"]))
+            # Like AMI: connects and reconnects in the background; calls arrive once it is registered.
+            self.supervisor.start("ari", self.ari.client.run)
+            log.info("ARI: Stasis application %s at %s (RTP %s on %s, ports %s)", cfg.ari.app, cfg.ari.url,
+                     cfg.ari.format, cfg.ari.rtp.host, cfg.ari.rtp.ports)
         if cfg.api.enabled:
             from .api import ApiServer
 
@@ -209,7 +226,8 @@ class Bridge:
 
     @property
     def audiosocket_address(self) -> tuple[str, int]:
-        assert self._server is not None
+        if self._server is None:
+            raise RuntimeError("AudioSocket is not listening (ingress: audiosocket is not configured)")
         addr = self._server.sockets[0].getsockname()
         return addr[0], addr[1]
 
@@ -230,6 +248,9 @@ class Bridge:
                 p.cancel()
         for conn in list(self.connections):
             conn.abort()
+        ari, self.ari = self.ari, None
+        if ari is not None:
+            await ari.close()  # the calls' last ARI requests (continue, delete), then their sockets
         # The parts are taken off the bridge before they are awaited, so a second stop() running
         # meanwhile (a signal during shutdown) finds nothing left to close twice.
         server, sim, api = self._server, self._sim, self.api
@@ -240,6 +261,8 @@ class Bridge:
             await sim.stop()
         await self.supervisor.stop()
         await self.asterisk.stop()
+        if ari is not None:
+            await ari.client.close()
         if api is not None:
             await api.stop()
         await self.hooks.close()  # on_call_end deliveries still retrying: a short grace (before the hub's client)

@@ -92,10 +92,15 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await bridge.start()
     freeze_startup_heap()
-    host, port = bridge.audiosocket_address
-    print(f"voxbridge {__version__} ready: AudioSocket on {host}:{port}"
+    ways = []
+    if "audiosocket" in cfg.ingress:
+        host, port = bridge.audiosocket_address
+        ways.append(f"AudioSocket on {host}:{port}")
+    if "ari" in cfg.ingress:
+        ways.append(f"ARI application {cfg.ari.app} at {cfg.ari.url}")
+    print(f"voxbridge {__version__} ready: {', '.join(ways)}"
           + (f", gateway {bridge.gateway_url} (embedded demo)" if cfg.gateway.url is None else ""), flush=True)
-    if cfg.gateway.url is None:
+    if cfg.gateway.url is None and "audiosocket" in cfg.ingress:
         print(f"place a test call:  voxbridge dial --to {host}:{port}", flush=True)
     stopping = asyncio.ensure_future(stop.wait())
     broken = asyncio.ensure_future(bridge.failed.wait())

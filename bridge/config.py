@@ -32,6 +32,7 @@ The common secrets and endpoints also have short names:
 ``VOXBRIDGE_GATEWAY_API_KEY``     ``gateway.api_key``
 ``VOXBRIDGE_GATEWAY_URL``         ``gateway.url``
 ``VOXBRIDGE_AMI_SECRET``          ``ami.secret``
+``VOXBRIDGE_ARI_PASSWORD``        ``ari.password``
 ``VOXBRIDGE_API_TOKEN``           ``api.token``
 ===============================  ===========================
 
@@ -419,6 +420,60 @@ class AmiConfig(_Model):
     channel_wait: float = Field(2.0, ge=0, description="how long a new call waits for its AMI channel")
 
 
+def _port_range(value: str) -> str:
+    first, sep, last = value.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"must be FIRST-LAST (e.g. 40000-40999), got {value!r}")
+    a, b = int(first), int(last)
+    if not 1024 <= a <= b <= 65535:
+        raise ValueError(f"must be FIRST-LAST within 1024-65535 with FIRST <= LAST, got {value!r}")
+    return f"{a}-{b}"
+
+
+class AriRtpConfig(_Model):
+    host: str = Field("127.0.0.1", description="the address the bridge's RTP sockets bind to")
+    advertise: str | None = Field(None, description="the address Asterisk sends RTP to (default: host); "
+                                                    "set it when the bridge binds 0.0.0.0 or sits behind NAT")
+    ports: str = Field("40000-40999", description="UDP ports for the calls' RTP, FIRST-LAST (one per call)")
+    jitter_packets: int = Field(3, ge=0, le=50, description="most packets held waiting for a missing one")
+
+    _v = field_validator("ports")(lambda v: _port_range(v))
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        a, _, b = self.ports.partition("-")
+        return int(a), int(b)
+
+
+class AriConfig(_Model):
+    """Asterisk's REST Interface: calls sent to ``Stasis(<app>[,profile[,vars]])`` reach the bridge,
+    their audio over an External Media channel carrying RTP (``ingress: ari``)."""
+
+    url: str = Field("http://127.0.0.1:8088", description="Asterisk's HTTP server (http.conf), without /ari")
+    username: str = "voxbridge"
+    password: SecretStr | None = Field(None, description="the ari.conf user's password (VOXBRIDGE_ARI_PASSWORD)")
+    app: str = Field("voxbridge", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="the Stasis application name")
+    format: Literal["ulaw", "slin16"] = Field("ulaw", description="External Media codec: µ-law 8 kHz, or "
+                                                                  "the caller at 16 kHz linear (the AI's voice "
+                                                                  "goes back as µ-law: bridge/rtp_leg.py)")
+    rtp: AriRtpConfig = Field(default_factory=AriRtpConfig)
+    action_timeout: float = Field(5.0, gt=0, le=60, description="deadline of one REST request")
+    reconnect_max: float = Field(10.0, gt=0, le=300, description="longest wait between reconnection attempts")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.rstrip("/")
+        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
+            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8088, got {v!r}")
+        if v.endswith("/ari"):
+            v = v[:-4]
+        return v
+
+
+Ingress = Literal["audiosocket", "ari"]
+
+
 class Allowlist(_Model):
     """Where the AI may send or place calls. Everything else is refused (toll fraud)."""
 
@@ -558,7 +613,10 @@ class StoreConfig(_Model):
 
 
 class Config(_Model):
+    ingress: list[Ingress] = Field(default_factory=lambda: list[Ingress](["audiosocket"]),
+                                   description="how Asterisk hands calls over: audiosocket, ari, or both")
     audiosocket: AudioSocketConfig = Field(default_factory=AudioSocketConfig)
+    ari: AriConfig = Field(default_factory=AriConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     gateways: dict[str, NamedGateway] = Field(default_factory=dict,
                                               description="named AI gateways; a profile picks one by name")
@@ -578,8 +636,21 @@ class Config(_Model):
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("ingress", mode="before")
+    @classmethod
+    def _ingress(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("names no way in: audiosocket, ari, or both")
+            if len(set(v)) != len(v):
+                raise ValueError(f"names one twice: {v}")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if "ari" in self.ingress and self.ari.password is None:
+            raise ValueError("ari.password: required with ingress ari (or set VOXBRIDGE_ARI_PASSWORD)")
         if self.default_profile not in self.profiles:
             raise ValueError(
                 f"default_profile {self.default_profile!r} is not among profiles ({', '.join(self.profiles)})"
@@ -645,8 +716,11 @@ class Config(_Model):
                 if action.tool not in known_tools:
                     errors.append(f"profiles.{pname}.dtmf.{digit}.tool: unknown tool {action.tool!r}")
             ami_tools = [t for t in p.tools if t in AMI_TOOL_NAMES]
-            if ami_tools and not self.ami.enabled:
-                warnings.append(f"profiles.{pname}.tools: {', '.join(ami_tools)} need AMI (ami.enabled is false)")
+            if ami_tools and not self.ami.enabled and "audiosocket" in self.ingress:
+                # ARI calls carry their own way to their channel; AudioSocket calls need AMI.
+                also = " for calls over AudioSocket (ARI calls need none)" if "ari" in self.ingress else ""
+                warnings.append(f"profiles.{pname}.tools: {', '.join(ami_tools)} need AMI{also} "
+                                "(ami.enabled is false)")
             if "transfer" in p.tools and not self.allow.transfer:
                 warnings.append(f"profiles.{pname}.tools: 'transfer' is offered but allow.transfer is empty")
             if p.provider == "qwen" and p.tools:
@@ -688,9 +762,10 @@ _ENV_ALIASES = {
     "VOXBRIDGE_GATEWAY_API_KEY": ("gateway", "api_key"),
     "VOXBRIDGE_GATEWAY_URL": ("gateway", "url"),
     "VOXBRIDGE_AMI_SECRET": ("ami", "secret"),
+    "VOXBRIDGE_ARI_PASSWORD": ("ari", "password"),
     "VOXBRIDGE_API_TOKEN": ("api", "token"),
 }
-_SECRET_HINTS = ("api_key", "secret", "token")
+_SECRET_HINTS = ("api_key", "secret", "token", "password")
 
 
 class _EnvSource(EnvSettingsSource):

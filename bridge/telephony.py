@@ -58,6 +58,9 @@ class Asterisk:
         self.config = config
         #: Calls started through the API, by UUID: their request's settings win (bridge/calls.py).
         self.pending: dict[str, CallSettings] = {} if pending is None else pending
+        #: Calls whose ingress knew their settings and channel before the session started (ARI:
+        #: the StasisStart event carries them), by call id; taken by :meth:`resolve_settings`.
+        self.resolved: dict[str, CallSettings] = {}
         self.ami: AmiClient | None = None
         self.channels = ChannelTracker()
         if config.ami.enabled:
@@ -82,6 +85,8 @@ class Asterisk:
 
     async def resolve_settings(self, call: TelephonyCall) -> CallSettings:
         """Per-call settings: the API request, then the dialplan (AMI channel variables), then defaults."""
+        if (known := self.resolved.pop(call.call_id, None)) is not None:
+            return known  # the ingress resolved them (ARI), the API request's included
         api_request = self.pending.pop(call.call_id, None)
         settings = api_request or CallSettings()
         if self.ami is None:
@@ -114,16 +119,23 @@ class Asterisk:
 
     async def apply_fallback(self, call: TelephonyCall, fallback: Fallback) -> None:
         """Telephony side of a fallback. Returning to the dialplan needs nothing but the leg's
-        hang-up that ends every session; the rest needs AMI and the channel."""
+        hang-up that ends every session; the rest needs the channel, and AMI unless the call
+        brought its own way to it (ARI: ``ChannelInfo.driver``)."""
         channel = call.channel
-        if self.ami is None or channel is None:
+        driver = channel.driver if channel is not None else None
+        if driver is None and (self.ami is None or channel is None):
             if fallback.action != "dialplan":
                 call.log.warning("fallback %r needs AMI and a known channel: returning to the dialplan",
                                  fallback.action)
             return
+        assert channel is not None
         try:
             if fallback.action == "dialplan":
-                await self.ami.action("Setvar", Channel=channel.name, Variable="VOXBRIDGE_RESULT", Value="fallback")
+                if driver is not None:
+                    await driver.set_variable("VOXBRIDGE_RESULT", "fallback")
+                else:
+                    assert self.ami is not None
+                    await self.ami.action("Setvar", Channel=channel.name, Variable="VOXBRIDGE_RESULT", Value="fallback")
             elif fallback.action == "hangup":
                 with self.telephony.handoff(call, "fallback:hangup"):
                     await self.telephony.hangup(call)
@@ -136,7 +148,18 @@ class Asterisk:
             call.log.error("fallback %s failed: %s (returning to the dialplan)", fallback.action, exc)
 
     async def hangup_call(self, call: TelephonyCall, reason: str) -> None:
-        """Hang the channel up over AMI if it can; else end the session (its leg hangs up)."""
+        """Hang the channel up over AMI (or the call's own driver: ARI) if it can; else end the
+        session (its leg hangs up)."""
+        if call.channel is not None and call.channel.driver is not None:
+            try:
+                with self.telephony.handoff(call, reason):
+                    await self.telephony.hangup(call)
+                return
+            except ToolError as exc:
+                call.log.warning("hangup over %s failed (%s): ending the session instead",
+                                 call.channel.driver.via, exc)
+                call.end(reason)
+                return
         if self.ami is not None and call.channel is not None and self.ami.connected.is_set():
             try:
                 with self.telephony.handoff(call, reason):

@@ -1,5 +1,9 @@
 """Built-in telephony tools over AMI: transfer, hangup, originate, send_dtmf.
 
+A call that came in over ARI carries its own way to its channel (``ChannelInfo.driver``, see
+tools/base.py): transfer, hangup and DTMF then go through ARI, behind the same allowlists, and
+need no AMI.
+
 An AI can be talked into dialling anything (toll fraud), so every target is checked against
 the allowlists in config before AMI is touched; a refusal is a tool error that names the
 reason, and it is logged as a security event. Transfers and originates always use priority 1.
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.ami_protocol import AmiError, control_character
 
-from .base import AFTER_SPEECH, END_REASON, CallControl, ChannelInfo, Tool, ToolError, arguments, text
+from .base import AFTER_SPEECH, END_REASON, CallControl, ChannelDriver, ChannelInfo, Tool, ToolError, arguments, text
 
 if TYPE_CHECKING:
     from bridge.ami import AmiClient
@@ -116,6 +120,19 @@ class Telephony:
             raise ToolError(f"cannot {what}: this call's Asterisk channel is not known")
         return ch
 
+    @staticmethod
+    def _driver(call: CallControl) -> ChannelDriver | None:
+        """The call's own way to its channel (ARI), if it has one; else AMI is the way."""
+        ch = call.channel
+        return ch.driver if ch is not None else None
+
+    def ready(self, call: CallControl, what: str) -> None:
+        """Raise the ToolError that acting on the call's channel now would meet (before waiting
+        for the AI's sentence to end, so a transfer that cannot happen says so at once)."""
+        if self._driver(call) is None:
+            self._require(what)
+            self._channel(call, what)
+
     # -- allowlists
 
     def check_transfer(self, call: CallControl, exten: str, context: str | None) -> tuple[str, str]:
@@ -139,6 +156,9 @@ class Telephony:
     # -- actions
 
     async def redirect(self, call: CallControl, context: str, exten: str) -> None:
+        if (driver := self._driver(call)) is not None:
+            await driver.redirect(context, exten)
+            return
         ami = self._require("transfer")
         ch = self._channel(call, "transfer")
         try:
@@ -147,6 +167,9 @@ class Telephony:
             raise ToolError(f"transfer failed: {exc}") from None
 
     async def hangup(self, call: CallControl, cause: int = 16) -> None:
+        if (driver := self._driver(call)) is not None:
+            await driver.hangup(cause)
+            return
         ami = self._require("hangup")
         ch = self._channel(call, "hang up")
         try:
@@ -157,6 +180,9 @@ class Telephony:
     async def play_dtmf(self, call: CallControl, digits: str, duration_ms: int = 250) -> None:
         if not DTMF_DIGITS.fullmatch(digits):
             raise ToolError(f"{digits!r} is not DTMF: 1 to 32 of 0-9, *, #, A-D")
+        if (driver := self._driver(call)) is not None:
+            await driver.play_dtmf(digits, duration_ms)
+            return
         ami = self._require("sending DTMF")
         ch = self._channel(call, "send DTMF")
         try:
@@ -190,6 +216,7 @@ class Telephony:
 class _AmiTool(Tool):
     def __init__(self, telephony: Telephony) -> None:
         self.telephony = telephony
+        self._driver = telephony._driver
 
 
 class TransferTool(_AmiTool):
@@ -207,8 +234,7 @@ class TransferTool(_AmiTool):
 
     async def run(self, call: CallControl, args: dict[str, Any]) -> dict[str, str]:
         context, exten = self.telephony.check_transfer(call, args["extension"].strip(), args.get("context"))
-        self.telephony._require("transfer")
-        self.telephony._channel(call, "transfer")
+        self.telephony.ready(call, "transfer")
         if args.get("after_speech", True):
             await call.wait_playout(SPEECH_WAIT_S)
         with self.telephony.handoff(call, f"transferred:{context},{exten}"):
@@ -228,7 +254,7 @@ class HangupTool(_AmiTool):
         if args.get("after_speech", True):
             await call.wait_playout(SPEECH_WAIT_S)
         reason = "ai-hangup" + (f": {args['reason']}" if args.get("reason") else "")
-        if self.telephony.ami is None or call.channel is None:
+        if self._driver(call) is None and (self.telephony.ami is None or call.channel is None):
             call.end(reason, after_speech=False)  # 0x00: the dialplan continues (and hangs up)
             return "ok: the call is ending"
         with self.telephony.handoff(call, reason):

@@ -40,6 +40,27 @@ class ChannelInfo:
     context: str = ""
     exten: str = ""
     variables: dict[str, str] = field(default_factory=dict)
+    #: How to act on the channel when it is not AMI (a call that came in over ARI): see ChannelDriver.
+    driver: ChannelDriver | None = None
+
+
+class ChannelDriver(Protocol):
+    """Acts on one call's channel by a way other than AMI (bridge/ari_ingress.py: ARI).
+
+    Each method raises :class:`ToolError` with a sentence the AI (or the API caller) can use.
+    The allowlists are checked before any of them is called (tools/ami.py).
+    """
+
+    #: How the channel is reached, for messages ("ARI").
+    via: str
+
+    async def redirect(self, context: str, exten: str) -> None: ...
+
+    async def hangup(self, cause: int) -> None: ...
+
+    async def play_dtmf(self, digits: str, duration_ms: int) -> None: ...
+
+    async def set_variable(self, name: str, value: str) -> None: ...
 
 
 class CallControl(Protocol):

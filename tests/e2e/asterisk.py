@@ -104,6 +104,32 @@ MODULES = (
     "func_math",
 )
 
+#: Loaded too when the instance has an HTTP port: ARI, Stasis and External Media (RTP).
+ARI_MODULES = (
+    "res_http_websocket",
+    "res_sorcery_config",  # res_websocket_client's configuration
+    "res_websocket_client",  # res_ari needs its symbols (outbound ARI websockets), even unused
+    "res_stasis",
+    "res_stasis_answer",
+    "res_stasis_playback",
+    "res_stasis_recording",  # res_ari_bridges/channels need its symbols
+    "res_stasis_snoop",
+    "res_ari",
+    "res_ari_model",
+    "res_ari_applications",
+    "res_ari_asterisk",
+    "res_ari_bridges",
+    "res_ari_channels",
+    "res_ari_events",
+    "app_stasis",
+    "res_pjproject",  # res_rtp_asterisk needs its symbols (ICE/STUN), even unused
+    "res_rtp_asterisk",
+    "res_rtp_multicast",  # chan_rtp needs its symbols
+    "chan_rtp",  # External Media (UnicastRTP channels)
+)
+ARI_USERNAME = "voxbridge"
+ARI_PASSWORD = "voxbridge-ari-secret"
+
 _BANNER_PREFIX = b"Asterisk Call Manager/"
 
 
@@ -149,6 +175,8 @@ class AsteriskSandbox:
         sip_free: bool = True,
         *,
         instance_id: str | None = None,
+        http_port: int | None = None,
+        rtp_ports: tuple[int, int] = (31000, 31999),
     ) -> None:
         if not sip_free:
             raise NotImplementedError("the sandbox has no SIP configuration (sip_free=False is not supported)")
@@ -157,6 +185,11 @@ class AsteriskSandbox:
         self.ami_port = int(ami_port)
         self.audiosocket_port = int(audiosocket_port)
         self.sip_free = sip_free
+        #: Asterisk's HTTP server, serving ARI (None: no HTTP, no ARI modules).
+        self.http_port = http_port
+        self.rtp_ports = rtp_ports
+        self.ari_username = ARI_USERNAME
+        self.ari_password = ARI_PASSWORD
         self.id = instance_id or f"{os.getpid()}-{ami_port}-{uuid.uuid4().hex[:6]}"
         self.ami_username = AMI_USERNAME
         self.ami_secret = AMI_SECRET
@@ -166,6 +199,8 @@ class AsteriskSandbox:
         self._console: object | None = None
         #: Appended to extensions.conf (set before start(); e.g. the shipped example dialplan).
         self.extra_dialplan = ""
+        #: Whole configuration files that replace the generated ones (e.g. the shipped ari.conf).
+        self.config_files: dict[str, str] = {}
 
         # chroot paths
         self.base = f"/tmp/vb-{self.id}"
@@ -240,7 +275,7 @@ class AsteriskSandbox:
         self.workdir.mkdir(parents=True, exist_ok=True)
 
         available = self.available_modules()
-        missing = [m for m in MODULES if m not in available]
+        missing = [m for m in self.modules if m not in available]
         if missing:
             raise AsteriskError(f"modules missing from the chroot ({MODULE_DIR}): {', '.join(missing)}")
 
@@ -253,7 +288,11 @@ class AsteriskSandbox:
             # Quiet, minimal versions of files core Asterisk reads at startup.
             "cdr.conf": "[general]\nenable = no\n",
             "cel.conf": "[general]\nenable = no\n",
-            "http.conf": "[general]\nenabled = no\n",
+            "http.conf": self._http_conf(),
+            "ari.conf": self._ari_conf(),
+            "pjproject.conf": "",
+            "websocket_client.conf": "",
+            "rtp.conf": f"[general]\nrtpstart = {self.rtp_ports[0]}\nrtpend = {self.rtp_ports[1]}\n",
             "musiconhold.conf": "[general]\n",
             "features.conf": "[general]\n",
             "ccss.conf": "[general]\n",
@@ -261,6 +300,7 @@ class AsteriskSandbox:
             "acl.conf": "",
             "stasis.conf": "",
         }
+        files.update(self.config_files)
         etc = self.host_path(self.etc_dir)
         for name, text in files.items():
             (etc / name).write_text(text)
@@ -292,9 +332,38 @@ transcode_via_sln = yes
 documentation_language = en_US
 """
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return MODULES + (ARI_MODULES if self.http_port is not None else ())
+
+    @property
+    def ari_url(self) -> str:
+        assert self.http_port is not None, "this instance has no HTTP port (http_port=None)"
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _http_conf(self) -> str:
+        if self.http_port is None:
+            return "[general]\nenabled = no\n"
+        return f"[general]\nenabled = yes\nbindaddr = 127.0.0.1\nbindport = {self.http_port}\n"
+
+    def _ari_conf(self) -> str:
+        if self.http_port is None:
+            return "[general]\nenabled = no\n"
+        return f"""[general]
+enabled = yes
+pretty = no
+channelvars = AS_UUID,AS_PROFILE,AS_VARS
+
+[{self.ari_username}]
+type = user
+read_only = no
+password = {self.ari_password}
+password_format = plain
+"""
+
     def _modules_conf(self) -> str:
         lines = ["[modules]", "autoload = no"]
-        lines += [f"load => {m}.so" for m in MODULES]
+        lines += [f"load => {m}.so" for m in self.modules]
         return "\n".join(lines) + "\n"
 
     def _manager_conf(self) -> str:
@@ -350,6 +419,15 @@ exten => ai16,1,Answer()
  same => n,Set(AS_PROFILE=${{IF($["${{AS_PROFILE}}" = ""]?default:${{AS_PROFILE}})}})
  same => n,Dial(AudioSocket/127.0.0.1:{port}/${{AS_UUID}}/c(slin16),,g)
  same => n,UserEvent(VoxbridgeReturned,UUID: ${{AS_UUID}},Status: ${{DIALSTATUS}})
+ same => n,Hangup()
+
+; The ARI way in: the same call, sent to the bridge's Stasis application (ingress: ari).
+; Stasis arguments: profile, then AS_VARS-style variables; the dialplan goes on when the bridge
+; lets the call go (the same VoxbridgeReturned event as the AudioSocket extension).
+[voxbridge-ari]
+exten => ai,1,Answer()
+ same => n,Stasis(voxbridge,${{AS_PROFILE}},${{AS_VARS}})
+ same => n,UserEvent(VoxbridgeReturned,UUID: ${{AS_UUID}},Status: ${{STASISSTATUS}})
  same => n,Hangup()
 
 ; The simulated caller: the Local ;2 half of Originate(Local/caller@voxbridge-test -> voxbridge-ai).
@@ -515,6 +593,17 @@ exten => noanswer,1,Wait(30)
             os.killpg(proc.pid, sig)  # the group we created with start_new_session (pgid == pid)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def kill(self) -> None:
+        """SIGKILL the instance (a crash: no hang-ups, no goodbyes); :meth:`start` brings it back."""
+        proc = self._proc
+        if proc is not None:
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=10)
+            self._proc = None
+        if self._console is not None:
+            self._console.close()  # type: ignore[attr-defined]
+            self._console = None
 
     def restart(self, timeout: float = 30.0) -> None:
         self.stop()

@@ -25,6 +25,7 @@ from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
+from .checks import dtmf_heard, heard_tone, session_for
 from .test_sandbox import is_user_event, wait_recording
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -74,11 +75,6 @@ async def place_call(ami: AmiClient, asterisk: AsteriskSandbox, play_pcm: bytes,
     return as_uuid, rec
 
 
-async def session_for(bridge: Bridge, as_uuid: str, timeout: float = 10):
-    async with asyncio.timeout(timeout):
-        while as_uuid not in bridge.sessions or bridge.sessions[as_uuid].gateway is None:
-            await asyncio.sleep(0.02)
-    return bridge.sessions[as_uuid]
 
 
 async def test_caller_audio_reaches_the_gateway_through_asterisk(bridge, sim, asterisk, ami):
@@ -104,16 +100,12 @@ async def test_gateway_audio_is_heard_by_the_caller_in_real_time(bridge, sim, as
     await session_for(bridge, as_uuid)
     await session.send_audio(sim_tone(440, 2000, 8000), chunk_ms=1000)  # 2 s, sent in a burst
     pcm = await wait_recording(ami, asterisk, rec, timeout=20)
-    # MixMonitor mixes both directions: look only where the bridge's tone is.
-    x = np.frombuffer(pcm, "<i2").astype(float)
-    frames = x[: len(x) // 160 * 160].reshape(-1, 160)
-    spectrum = np.abs(np.fft.rfft(frames * np.hanning(160), axis=1))
-    bin440 = round(440 / 50)
-    loud = np.where(spectrum[:, bin440] > 50 * np.median(spectrum[:, bin440] + 1))[0]
+    loud = heard_tone(pcm, 440)  # MixMonitor mixes both directions: only where the bridge's tone is
     heard_s = len(loud) * 0.02
+    frames = np.frombuffer(pcm[: len(pcm) // 320 * 320], "<i2").reshape(-1, 160)
     # Paced at 20 ms the caller hears all of it; written at once, a Local channel drops ~70 %.
     assert 1.8 < heard_s < 2.3, heard_s
-    assert analyse(frames[loud].astype("<i2").tobytes(), 8000)["dominant_hz"] == pytest.approx(440, abs=10)
+    assert analyse(frames[loud].tobytes(), 8000)["dominant_hz"] == pytest.approx(440, abs=10)
 
 
 async def test_transfer_moves_the_caller_and_a_forbidden_target_is_refused(bridge, sim, asterisk, ami):
@@ -175,13 +167,7 @@ async def test_send_dtmf_plays_digits_to_the_caller(bridge, sim, asterisk, ami):
     await session_for(bridge, as_uuid)
     mark = ami.mark()
     assert await session.call_tool("send_dtmf", {"digits": "42"}) == "ok: sent 42"
-    digits = []
-    async with asyncio.timeout(5):
-        while len(digits) < 2:
-            ev = await ami.wait_event(lambda e: e.get("Event") == "DTMFEnd", since=mark, timeout=5)
-            mark = ami.events.index(ev) + 1
-            digits.append(ev["Digit"])
-    assert digits == ["4", "2"]
+    assert await dtmf_heard(ami, mark, 2) == ["4", "2"]
 
 
 async def test_dialplan_chooses_the_profile_and_fills_the_prompt(bridge, sim, asterisk, ami):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from bridge.devtools.gateway_sim import GatewaySim
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
+from .conftest import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -123,3 +125,78 @@ async def test_shipped_wideband_variant(asterisk_with_examples, ami):
             assert session.config["sample_rate"] == 16000
         finally:
             await bridge.stop()
+
+
+# ---------------------------------------------------------------------------------------------- ARI
+
+
+@pytest.fixture
+def asterisk_with_ari_examples(asterisk_root, tmp_path):
+    """The shipped http.conf, ari.conf and dialplan as written; only the HTTP port is the sandbox's."""
+    sandbox = AsteriskSandbox(asterisk_root, tmp_path / "asterisk-ari", free_port(), free_port(),
+                              http_port=free_port())
+    sandbox.extra_dialplan = (EXAMPLES / "asterisk" / "extensions.conf").read_text()
+    sandbox.config_files = {
+        "http.conf": (EXAMPLES / "asterisk" / "http.conf").read_text().replace(
+            "bindport = 8088", f"bindport = {sandbox.http_port}"),
+        "ari.conf": (EXAMPLES / "asterisk" / "ari.conf").read_text(),
+    }
+    assert f"bindport = {sandbox.http_port}" in sandbox.config_files["http.conf"]
+    try:
+        sandbox.start()
+    except BaseException:
+        sandbox.cleanup()
+        raise
+    yield sandbox
+    sandbox.stop()
+    sandbox.cleanup()
+
+
+def test_example_modules_conf_lists_what_the_ari_sandbox_loads():
+    from .asterisk import ARI_MODULES
+
+    text = (EXAMPLES / "asterisk" / "modules.conf").read_text()
+    listed = set(re.findall(r"^load\s*=\s*(\S+)\.so", text, re.M))
+    assert set(ARI_MODULES) <= listed, sorted(set(ARI_MODULES) - listed)
+
+
+async def start_ari_bridge(asterisk: AsteriskSandbox, sim: GatewaySim) -> Bridge:
+    """examples/voxbridge-ari.yaml, pointed at the sandbox's HTTP port and the reference gateway;
+    the password is the shipped ari.conf's, given the way the README says (the environment)."""
+    cfg = load_config(EXAMPLES / "voxbridge-ari.yaml", env={"VOXBRIDGE_ARI_PASSWORD": "change-me"})
+    data = cfg.model_dump(mode="python")
+    data["ari"]["url"] = asterisk.ari_url
+    data["ari"]["password"] = cfg.ari.password.get_secret_value()
+    data["gateway"].update(url=sim.url, api_key=KEY, settle_ms=0)
+    data["api"]["enabled"] = False
+    data["store"]["path"] = None
+    bridge = Bridge(Config.model_validate(data))
+    await bridge.start()
+    await asyncio.wait_for(bridge.ari.client.connected.wait(), 10)
+    return bridge
+
+
+async def test_shipped_ari_set_up_reaches_the_ai_and_transfers_without_ami(asterisk_with_ari_examples):
+    asterisk = asterisk_with_ari_examples
+    ami = await AmiClient.connect("127.0.0.1", asterisk.ami_port, asterisk.ami_username, asterisk.ami_secret)
+    async with GatewaySim(accepted_keys={KEY}) as sim:
+        bridge = await start_ari_bridge(asterisk, sim)
+        try:
+            assert bridge.ami is None  # the example needs no AMI; the test's own AMI client places the call
+            play = asterisk.write_wav("play-ari", tone(500, 500, 8000))
+            resp = await ami.originate_caller(play, asterisk.recording_path("rec-ari.wav"), 8, {},
+                                              context="voxbridge-ari", exten="s")
+            assert resp["Response"] == "Success"
+            session = await sim.next_session(10)
+            cfg = await session.wait_accepted()
+            assert "The caller's number is 5551234." in cfg["system_prompt"]  # the Stasis arguments
+            assert cfg["sample_rate"] == 16000  # format: slin16, the receptionist's 16 kHz
+            await session.wait_audio(4000, timeout=10)  # the caller's 500 ms tone, over RTP
+            mark = ami.mark()
+            result = await session.call_tool("transfer", {"extension": "100", "after_speech": False})
+            assert '"status": "transferred"' in result
+            await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators"
+                                 and e.get("Exten") == "100", since=mark, timeout=5)
+        finally:
+            await bridge.stop()
+            await ami.close()
