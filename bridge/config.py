@@ -736,7 +736,7 @@ _ENV_ALIASES = {
     "VOXBRIDGE_AMI_SECRET": ("ami", "secret"),
     "VOXBRIDGE_API_TOKEN": ("api", "token"),
 }
-_SECRET_HINTS = ("api_key", "secret", "token")
+_SECRET_HINTS = ("api_key", "secret", "token", "redis_url", "postgres_url")  # URLs may carry a password
 
 
 class _EnvSource(EnvSettingsSource):
