@@ -41,8 +41,9 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, cast
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -57,6 +58,7 @@ from tools.ami import NotAllowed
 from tools.base import ToolError
 
 from . import __version__
+from .cluster import CommandRouter, CommandUnanswered
 from .events import EVENT_TYPES
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
@@ -92,6 +94,8 @@ class Bridge(Protocol):
     def webhooks(self) -> Any: ...  # bridge/webhooks.py's WebhookDispatcher
 
     async def start_outbound_call(self, req: StartCall) -> str: ...
+
+    router: CommandRouter  # where commands for calls owned by another cluster node go (bridge/cluster.py)
 
     async def hangup_call(self, session: Any, reason: str) -> None: ...
 
@@ -586,6 +590,23 @@ def create_app(bridge: Bridge) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     streams = _StreamSlots(MAX_EVENT_STREAMS)
 
+    async def on_owner(call_id: str, path: str, body: Any = None) -> dict[str, Any] | None:
+        """In a cluster, a call another node owns: that node runs the command and this returns
+        ITS answer (or raises its error); None when the call is not elsewhere."""
+        if call_id in bridge.sessions:
+            return None
+        try:
+            answer = await bridge.router.forward(call_id, "POST", path, body)
+        except CommandUnanswered as exc:
+            raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from None
+        if answer is None:
+            return None
+        code, payload = answer
+        if code >= 400:
+            detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+            raise HTTPException(code, detail)
+        return cast(dict[str, Any], payload)
+
     def live(call_id: str):
         session = bridge.sessions.get(call_id)
         if session is None:
@@ -596,7 +617,9 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
+        cluster = getattr(bridge, "cluster", None)
         return {"status": "ok", "version": __version__, "calls_active": len(bridge.sessions),
+                "node": cluster.node_id if cluster is not None else None,
                 "ami_connected": bool(bridge.ami and bridge.ami.connected.is_set()),
                 # MCP tool sources (tools/mcp.py): a source that is down leaves the bridge "ok"
                 "tool_sources": {s.name: s.health() for s in getattr(bridge, "tool_sources", ())}}
@@ -639,12 +662,16 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.post("/v1/calls/{call_id}/hangup")
     async def hangup(call_id: CallId) -> dict[str, str]:
+        if (remote := await on_owner(call_id, f"/v1/calls/{call_id}/hangup")) is not None:
+            return remote
         session = live(call_id)
         await bridge.hangup_call(session, "api-hangup")
         return {"call_id": call_id, "state": "ending"}
 
     @app.post("/v1/calls/{call_id}/transfer")
     async def transfer(call_id: CallId, body: Transfer) -> dict[str, str]:
+        if (remote := await on_owner(call_id, f"/v1/calls/{call_id}/transfer", body.model_dump())) is not None:
+            return remote
         session = live(call_id)
         try:
             context, exten = bridge.telephony.check_transfer(session, body.extension, body.context)
@@ -658,6 +685,8 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.post("/v1/calls/{call_id}/dtmf")
     async def dtmf(call_id: CallId, body: Dtmf) -> dict[str, str]:
+        if (remote := await on_owner(call_id, f"/v1/calls/{call_id}/dtmf", body.model_dump())) is not None:
+            return remote
         session = live(call_id)
         try:
             await bridge.telephony.play_dtmf(session, body.digits)
@@ -748,6 +777,8 @@ class ApiServer:
     def __init__(self, bridge: Bridge, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.app = create_app(bridge)
+        token = bridge.config.api.token
+        self._token = token.get_secret_value() if token is not None else None
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2)
         self._server = _EmbeddedServer(config)
@@ -771,6 +802,19 @@ class ApiServer:
                 raise OSError(f"the API server on {self.host}:{self.port} did not start: {self._task.exception()}")
             await asyncio.sleep(0.01)
         log.info("control API on http://%s:%d (docs at /docs)", self.host, self.port)
+
+    async def replay(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        """Run a command another cluster node routed here through this API, exactly as if it had
+        been sent here (same validation, same answers), and return ``(status, body)``."""
+        token = self._token
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        transport = httpx.ASGITransport(app=self.app, client=("127.0.0.1", 0))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            r = await client.request(method, path, json=body, headers=headers)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, {"detail": r.text}
 
     async def stop(self) -> None:
         if self._task is None:

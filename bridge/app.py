@@ -24,6 +24,9 @@ AudioSocket server     the caller legs (bridge/server.py); each call is a
 ``ari``                the other way in (``ingress: ari``): Stasis calls, RTP legs
                        (bridge/ari_ingress.py)
 ``api``                the HTTP API (bridge/api.py), when enabled
+``cluster``            with ``cluster.redis_url``: the shared registry, command routing and event
+                       stream (bridge/cluster.py); None in a single process
+``router``             where commands for calls of other nodes go (bridge/cluster.py)
 =====================  ==========================================================================
 
 With no ``gateway.url`` configured it starts the embedded reference gateway on a loopback
@@ -40,6 +43,7 @@ from typing import Any
 from tools.base import Tool
 
 from .calls import CallRegistry
+from .cluster import ClusterCallRegistry, ClusterNode, ClusterSettings, CommandRouter, LocalRouter
 from .config import Config, ConfigError, is_loopback, parse_hostport
 from .event_hub import EventHub
 from .events import EventBus
@@ -81,7 +85,6 @@ class Bridge:
         self.config = config
         self.clock = clock or PlayoutClock()
         self.events = EventBus()
-        self.calls: CallRegistry[CallSession] = CallRegistry(config.audiosocket.max_calls)
         self.connections: set[AudioSocketConnection] = set()
         #: Counters and /metrics (bridge/metrics.py): its own registry, read from this bridge at scrape time.
         self.metrics = BridgeMetrics(self)
@@ -89,7 +92,18 @@ class Bridge:
         #: Set when a long-lived part crashed beyond repair: ``voxbridge serve`` then stops and exits 1.
         self.failed = asyncio.Event()
         self.supervisor = Supervisor(self._part_failed)
-        self.hub = EventHub(config, self.supervisor, self.events)
+        #: A cluster's membership (bridge/cluster.py), or None: one process, no Redis imported.
+        self.cluster: ClusterNode | None = None
+        self.calls: CallRegistry[CallSession]
+        if config.cluster.enabled:
+            self.cluster = ClusterNode(config, self.events, self.supervisor)
+            self.calls = ClusterCallRegistry(config.audiosocket.max_calls, self.cluster)
+        else:
+            self.calls = CallRegistry(config.audiosocket.max_calls)
+        self.router: CommandRouter = self.cluster if self.cluster is not None else LocalRouter()
+        self.hub = EventHub(config, self.supervisor, self.events, webhooks_from_bus=self.cluster is None)
+        if self.cluster is not None:
+            self.events.add_sink(self.cluster.offer)
         self.gateways = GatewayFactory(config, gateway_factory)
         self._server: asyncio.Server | None = None
         #: The ARI ingress (bridge/ari_ingress.py) when ``ingress`` names ari.
@@ -100,7 +114,7 @@ class Bridge:
         self.asterisk = Asterisk(config, self.calls.pending,
                                  on_fault=lambda exc: self.supervisor.crashes.update(["ami"]))
         self.dialer = OutboundDialer(config, self.asterisk, self.calls.pending, events=self.events,
-                                     record_dialing=self._record_dialing)
+                                     record_dialing=self._record_dialing, shared=self.cluster)
         self.http = make_http_client()
         try:
             self.tools = build_tools(config, tools, self.asterisk.telephony, self.http)
@@ -112,7 +126,8 @@ class Bridge:
             raise ConfigError(str(exc)) from None
         self.call_services = CallServices(
             config=config, clock=self.clock, events=self.events, tools=self.tools, gateways=self.gateways,
-            settings=self.asterisk, fallbacks=self.asterisk, registry=self.calls, supervisor=self.supervisor,
+            settings=self.asterisk if self.cluster is None else ClusterSettings(self.cluster, self.asterisk),
+            fallbacks=self.asterisk, registry=self.calls, supervisor=self.supervisor,
             metrics=self.metrics, hooks=self.hooks,
         )
         self.api: Any = None
@@ -192,7 +207,12 @@ class Bridge:
         if cfg.api.enabled and not is_loopback(api_host) and cfg.api.token is None:
             raise ConfigError(f"api.listen {cfg.api.listen} is not a loopback address: set api.token "
                               "(VOXBRIDGE_API_TOKEN) or listen on 127.0.0.1")
+        if self.cluster is not None:
+            await self.cluster.connect()  # before the store: a wrong URL fails start-up, naming the key
         await self.hub.start()
+        if self.cluster is not None:
+            assert self.hub.webhooks is not None
+            self.hub.webhooks.on_change = self.cluster.hooks_changed
         # AMI connects (and reconnects) in the background. The loop survives every failure of a
         # connection by itself; the supervisor catches a bug in the loop's own machinery.
         await self.asterisk.start(lambda run: self.supervisor.start("ami", run))
@@ -223,6 +243,8 @@ class Bridge:
 
             self.api = ApiServer(self, api_host, api_port)
             await self.api.start()
+        if self.cluster is not None:
+            self.cluster.start(webhooks=self.hub.webhooks, executor=self.api.replay if self.api is not None else None)
 
     @property
     def audiosocket_address(self) -> tuple[str, int]:
@@ -260,6 +282,8 @@ class Bridge:
         if sim is not None:
             await sim.stop()
         await self.supervisor.stop()
+        if self.cluster is not None:
+            await self.cluster.close()  # after the calls: their last events reach the shared stream
         await self.asterisk.stop()
         if ari is not None:
             await ari.client.close()

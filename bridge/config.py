@@ -605,16 +605,62 @@ class ToolSourceConfig(_Model):
         return v
 
 
+def _url_scheme(value: SecretStr | None, schemes: tuple[str, ...], key: str) -> SecretStr | None:
+    """A service URL (it may carry a password, hence SecretStr): only its scheme is checked here;
+    the message names the key and the scheme, never the URL."""
+    if value is None:
+        return None
+    scheme, sep, _rest = value.get_secret_value().partition("://")
+    if not sep or scheme not in schemes:
+        raise ValueError(f"{key} must start with {' or '.join(s + '://' for s in schemes)}, not {scheme + sep!r}")
+    return value
+
+
 class StoreConfig(_Model):
     path: Path | None = Field(None, description="SQLite call history; unset = in memory only")
+    postgres_url: SecretStr | None = Field(
+        None, description="postgresql://… : the call history and webhook subscriptions in PostgreSQL, shared by "
+                          "every bridge of a cluster (needs the 'cluster' extra: asyncpg); unset = SQLite (path)")
     redact_args: list[str] = Field(default_factory=list, description="tool argument names stored as '***'")
     retention_days: float | None = Field(90, gt=0, description="ended calls older than this are deleted; "
                                                                "null keeps them forever")
+
+    _pg = field_validator("postgres_url")(
+        lambda v: _url_scheme(v, ("postgresql", "postgres"), "store.postgres_url"))
+
+
+class ClusterConfig(_Model):
+    """Several bridge processes sharing calls, commands and events through Redis (bridge/cluster.py)."""
+
+    redis_url: SecretStr | None = Field(None, description="redis://… or rediss://… ; unset = one process, "
+                                                          "no Redis (needs the 'cluster' extra: redis)")
+    node_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                                description="this bridge's name in the cluster; default hostname-pid")
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="how often this node says it is alive")
+    node_timeout_s: float = Field(5.0, gt=0, le=600, description="a node silent this long is dead: its calls "
+                                                                 "are marked failed by a surviving node")
+    command_timeout_s: float = Field(5.0, gt=0, le=60, description="how long a command routed to the call's "
+                                                                   "owning node waits for its answer (then 504)")
+    max_calls: int | None = Field(None, ge=1, description="calls over this across the cluster are refused")
+
+    _url = field_validator("redis_url")(lambda v: _url_scheme(v, ("redis", "rediss", "unix"), "cluster.redis_url"))
+
+    @model_validator(mode="after")
+    def _timings(self) -> ClusterConfig:
+        if self.node_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(f"cluster.node_timeout_s ({self.node_timeout_s:g}) must be at least twice "
+                             f"cluster.heartbeat_s ({self.heartbeat_s:g}): one late heartbeat must not kill a node")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
 
 
 class Config(_Model):
     ingress: list[Ingress] = Field(default_factory=lambda: list[Ingress](["audiosocket"]),
                                    description="how Asterisk hands calls over: audiosocket, ari, or both")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     audiosocket: AudioSocketConfig = Field(default_factory=AudioSocketConfig)
     ari: AriConfig = Field(default_factory=AriConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
@@ -765,7 +811,7 @@ _ENV_ALIASES = {
     "VOXBRIDGE_ARI_PASSWORD": ("ari", "password"),
     "VOXBRIDGE_API_TOKEN": ("api", "token"),
 }
-_SECRET_HINTS = ("api_key", "secret", "token", "password")
+_SECRET_HINTS = ("api_key", "secret", "token", "password", "redis_url", "postgres_url")  # URLs may carry a password
 
 
 class _EnvSource(EnvSettingsSource):

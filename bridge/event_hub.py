@@ -11,6 +11,7 @@ the calls, so every call's ``call.ended`` gets a chance to go out.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -19,6 +20,9 @@ from .egress import EgressPolicy
 from .events import EventBus
 from .store import CallStore
 from .supervise import Supervisor
+
+if TYPE_CHECKING:
+    from .store_pg import PostgresCallStore
 from .webhooks import WebhookDispatcher
 
 #: 6 attempts, waits of 2+4+8+16+30 s: a subscriber down for about a minute misses nothing.
@@ -27,11 +31,15 @@ WEBHOOK_BACKOFF_BASE_S = 2.0
 
 
 class EventHub:
-    def __init__(self, config: Config, supervisor: Supervisor, bus: EventBus | None = None) -> None:
+    def __init__(self, config: Config, supervisor: Supervisor, bus: EventBus | None = None, *,
+                 webhooks_from_bus: bool = True) -> None:
         self.config = config
+        #: False in a cluster: the webhooks are fed from the shared stream (bridge/cluster.py), so
+        #: each event goes out once across the nodes.
+        self.webhooks_from_bus = webhooks_from_bus
         self.supervisor = supervisor
         self.bus = bus or EventBus()
-        self.store: CallStore | None = None
+        self.store: CallStore | PostgresCallStore | None = None
         self.webhooks: WebhookDispatcher | None = None
         self._http: httpx.AsyncClient | None = None
         #: What close() must close, in that order; each part is added as soon as it is started,
@@ -40,8 +48,14 @@ class EventHub:
 
     async def start(self) -> None:
         cfg = self.config
-        self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
-                               supervisor=self.supervisor)
+        if cfg.store.postgres_url is not None:
+            from .store_pg import PostgresCallStore  # asyncpg: the 'cluster' extra, imported only when used
+
+            self.store = PostgresCallStore(cfg.store.postgres_url.get_secret_value(), cfg.store.redact_args,
+                                           retention_days=cfg.store.retention_days, supervisor=self.supervisor)
+        else:
+            self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
+                                   supervisor=self.supervisor)
         await self.store.start()
         self._closers.append(self.store.close)
         self.bus.add_sink(self.store.record)
@@ -53,7 +67,8 @@ class EventHub:
                                           supervisor=self.supervisor)
         await self.webhooks.start()
         self._closers.insert(0, self.webhooks.close)  # first: delivery may still read the store
-        self.bus.add_sink(self.webhooks.offer)
+        if self.webhooks_from_bus:
+            self.bus.add_sink(self.webhooks.offer)
 
     async def close(self) -> None:
         """Webhooks first (they may still read the store), then the store, then the client.

@@ -95,3 +95,9 @@ class EventBus:
         for sub in list(self._subs):
             sub.offer(event)
         return event
+
+    def deliver_remote(self, event: Event) -> None:
+        """Another cluster node's event (bridge/cluster.py): to the live subscriptions only; the
+        sinks (history, webhooks, metrics) got it on the node that owns the call."""
+        for sub in list(self._subs):
+            sub.offer(event)

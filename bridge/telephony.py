@@ -86,7 +86,12 @@ class Asterisk:
     async def resolve_settings(self, call: TelephonyCall) -> CallSettings:
         """Per-call settings: the API request, then the dialplan (AMI channel variables), then defaults."""
         if (known := self.resolved.pop(call.call_id, None)) is not None:
-            return known  # the ingress resolved them (ARI), the API request's included
+            # The ingress resolved them (ARI). An API request still wins: a cluster's shared one
+            # reaches ``pending`` only now, after the ingress looked (bridge/cluster.py).
+            if (api_request := self.pending.pop(call.call_id, None)) is not None:
+                api_request.channel = known.channel
+                return api_request
+            return known
         api_request = self.pending.pop(call.call_id, None)
         settings = api_request or CallSettings()
         if self.ami is None:
@@ -170,12 +175,25 @@ class Asterisk:
         call.end(reason)
 
 
+class SharedPending(Protocol):
+    """A cluster's API-started calls (bridge/cluster.py): settings any node's leg can take."""
+
+    async def put_pending(self, call_id: str, settings: CallSettings) -> None: ...
+
+    async def discard_pending(self, call_id: str) -> bool: ...
+
+
 class OutboundDialer:
-    """Calls started through the API: Originate over AMI; the answered callee reaches the AI."""
+    """Calls started through the API: Originate over AMI; the answered callee reaches the AI.
+
+    In a cluster (``shared``) the settings are also registered under the UUID before dialing,
+    because Asterisk may connect the callee's leg to any node."""
 
     def __init__(self, config: Config, asterisk: Asterisk, pending: dict[str, CallSettings], *,
-                 record_dialing: Callable[..., None], events: EventPublisher) -> None:
+                 record_dialing: Callable[..., None], events: EventPublisher,
+                 shared: SharedPending | None = None) -> None:
         self.config = config
+        self.shared = shared
         self.asterisk = asterisk
         self.pending = pending
         self._record_dialing = record_dialing
@@ -202,8 +220,11 @@ class OutboundDialer:
         overrides = {k: getattr(req, k) for k in ("prompt", "first_message", "voice", "language")
                      if getattr(req, k) is not None}
         profile = req.profile or cfg.default_profile
-        self.pending[call_id] = CallSettings(profile=profile, variables=dict(req.variables),
-                                             metadata=dict(req.metadata), overrides=overrides, direction="outbound")
+        settings = CallSettings(profile=profile, variables=dict(req.variables), metadata=dict(req.metadata),
+                                overrides=overrides, direction="outbound")
+        if self.shared is not None:
+            await self.shared.put_pending(call_id, settings)
+        self.pending[call_id] = settings
         self._record_dialing(call_id, "outbound", profile, req.destination, dict(req.metadata))
         task = asyncio.create_task(self._dial(call_id, req, profile), name=f"dial-{call_id}")
         self._background.add(task)
@@ -226,7 +247,10 @@ class OutboundDialer:
             await asyncio.sleep(o.answer_timeout)
             outcome = "no-audiosocket"
             message = f"answered, but no AudioSocket connection within {o.answer_timeout:g} s"
-        if self.pending.pop(call_id, None) is not None:
+        unclaimed = self.pending.pop(call_id, None) is not None
+        if self.shared is not None:  # the leg may have reached another node, which took the settings
+            unclaimed = await self.shared.discard_pending(call_id) and unclaimed
+        if unclaimed:
             log.warning("[%s] API call to %s failed: %s", call_id, req.destination, message)
             self.events.publish("call.failed", call_id, reason=outcome.replace(" ", "-"), message=message,
                                 destination=req.destination, metadata=dict(req.metadata), direction="outbound")

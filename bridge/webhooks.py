@@ -56,8 +56,8 @@ import json
 import logging
 import secrets as _secrets
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import httpx
 from tenacity import RetryCallState, retry_if_exception_type
@@ -66,7 +66,6 @@ from .egress import EgressPolicy, EgressRefused, IPAddress, ResolveFailed, Targe
 from .events import EVENT_TYPES, Event
 from .retry import Backoff, retrying
 from .signing import DEFAULT_TOLERANCE_S, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
-from .store import CallStore
 from .supervise import Supervisor
 
 log = logging.getLogger("voxbridge.webhooks")
@@ -190,6 +189,17 @@ class _Subscription:
         return {k: self.info.get(k) for k in PUBLIC_FIELDS}
 
 
+class SubscriptionStore(Protocol):
+    """Where subscriptions persist: bridge/store.py's CallStore, or bridge/store_pg.py's (shared)."""
+
+    async def list_webhooks(self) -> builtins.list[dict[str, Any]]: ...
+
+    async def add_webhook(self, url: str, events: builtins.list[str] | None, secret: str,
+                          description: str | None = None) -> dict[str, Any]: ...
+
+    async def delete_webhook(self, hook_id: str) -> bool: ...
+
+
 class WebhookDispatcher:
     """Delivers events to the webhook subscriptions kept in ``store``.
 
@@ -209,14 +219,17 @@ class WebhookDispatcher:
     (queue overflow, or queued when the subscriber answered 410).
     """
 
-    def __init__(self, store: CallStore, client: httpx.AsyncClient, *, max_attempts: int = 6,
+    def __init__(self, store: SubscriptionStore, client: httpx.AsyncClient, *, max_attempts: int = 6,
                  backoff_base: float = 0.5, backoff_max: float = 30.0, queue_size: int = 1000,
                  timeout: float = 10.0, close_timeout: float = 2.0, policy: EgressPolicy | None = None,
-                 max_webhooks: int = 50, supervisor: Supervisor | None = None) -> None:
+                 max_webhooks: int = 50, supervisor: Supervisor | None = None,
+                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
         if max_attempts < 1 or queue_size < 1 or max_webhooks < 1:
             raise ValueError("max_attempts, queue_size and max_webhooks must be at least 1")
         self._store = store
         self._client = client
+        #: Awaited after a subscription is created or deleted (a cluster tells its other nodes).
+        self.on_change = on_change
         self.policy = policy if policy is not None else EgressPolicy()
         self.max_webhooks = max_webhooks
         self.supervisor = supervisor if supervisor is not None else Supervisor()
@@ -240,15 +253,34 @@ class WebhookDispatcher:
             return
         self._started = True
         for info in await self._store.list_webhooks():
-            try:
-                target, blocked = self.policy.check(info["url"]), None
-            except ValueError as exc:  # stored under another policy (or before there was one)
-                target, blocked = None, str(exc)
-                log.warning("webhook %s (%s): not delivered to: %s (allow.webhooks); delete it or change the "
-                            "allowlist", info["id"], _host(info["url"]), exc)
-            self._add(info, target, blocked)
+            self._load(info)
         if self._subs:
             log.info("webhooks: %d subscription(s)", len(self._subs))
+
+    async def sync(self) -> None:
+        """Reload the subscriptions from the store: another bridge of a cluster, sharing the store,
+        created or deleted one (bridge/cluster.py)."""
+        if self._closed:
+            return
+        stored = {info["id"]: info for info in await self._store.list_webhooks()}
+        gone = [sub for hook_id, sub in self._subs.items() if hook_id not in stored]
+        for sub in gone:
+            self._subs.pop(sub.id, None)
+        if gone:
+            await self._stop(gone)
+        for hook_id, info in stored.items():
+            if hook_id not in self._subs:
+                self._load(info)
+
+    def _load(self, info: dict[str, Any]) -> None:
+        """A stored subscription, checked against this bridge's webhook policy."""
+        try:
+            target, blocked = self.policy.check(info["url"]), None
+        except ValueError as exc:  # stored under another policy (or before there was one)
+            target, blocked = None, str(exc)
+            log.warning("webhook %s (%s): not delivered to: %s (allow.webhooks); delete it or change the "
+                        "allowlist", info["id"], _host(info["url"]), exc)
+        self._add(info, target, blocked)
 
     async def close(self) -> None:
         """Give queued deliveries up to ``close_timeout`` seconds, then stop every delivery task."""
@@ -317,6 +349,7 @@ class WebhookDispatcher:
         finally:
             self._reserved -= 1
         log.info("webhook %s created for %s (%s)", info["id"], target.origin, ", ".join(types) or "all events")
+        await self._changed()
         return {**{k: info[k] for k in PUBLIC_FIELDS}, "secret": secret}
 
     async def list(self) -> builtins.list[dict[str, Any]]:  # builtins: this class defines list()
@@ -337,7 +370,16 @@ class WebhookDispatcher:
         stored = await self._store.delete_webhook(hook_id)
         if sub is not None or stored:
             log.info("webhook %s deleted", hook_id)
+            await self._changed()
         return sub is not None or stored
+
+    async def _changed(self) -> None:
+        """Tell the other bridges of a cluster (``on_change``), which then :meth:`sync`."""
+        if self.on_change is not None:
+            try:
+                await self.on_change()
+            except Exception as exc:  # noqa: BLE001 - the change is stored; the others sync on restart
+                log.warning("webhooks: cannot tell the cluster about a changed subscription: %s", exc)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per subscription id: ``delivered``, ``failed`` (given up after every attempt, or

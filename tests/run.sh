@@ -54,5 +54,12 @@ if [ "$(id -u)" = 0 ] && { ! command -v espeak-ng >/dev/null || ! command -v sox
     || echo "==> WARNING: could not install espeak-ng/sox: the espeak VAD test will be skipped"
 fi
 
+if [ "$(id -u)" = 0 ] && { ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; then
+  # The cluster tests (tests/cluster) start a real Redis and a real PostgreSQL; they fail without them.
+  echo "==> installing redis-server and postgresql (Debian packages) for the cluster tests"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql \
+    >/dev/null || echo "==> WARNING: could not install redis-server/postgresql: the cluster tests will FAIL"
+fi
+
 echo "==> running the tests"
 exec .venv/bin/python -m pytest "$@"
