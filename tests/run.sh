@@ -54,5 +54,12 @@ if [ "$(id -u)" = 0 ] && { ! command -v espeak-ng >/dev/null || ! command -v sox
     || echo "==> WARNING: could not install espeak-ng/sox: the espeak VAD test will be skipped"
 fi
 
+if [ "$(id -u)" = 0 ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+  # A real browser for the operator console's test (tests/e2e/test_console.py, through Selenium).
+  echo "==> installing chromium and chromium-driver (Debian packages) for the console test"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+    || echo "==> WARNING: could not install chromium/chromium-driver: the console test will be skipped"
+fi
+
 echo "==> running the tests"
 exec .venv/bin/python -m pytest "$@"
