@@ -1,4 +1,7 @@
-"""Recordings, history filters, the console's files and /docs, over real sockets (bridge/recording.py, bridge/api.py)."""
+"""Recordings, history filters, the console's files and /docs, over real sockets.
+
+bridge/recording.py, bridge/store.py (filters) and bridge/api.py (routes).
+"""
 
 from __future__ import annotations
 
