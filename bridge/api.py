@@ -34,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -48,11 +49,13 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from tools.ami import NotAllowed
 from tools.base import ToolError
@@ -62,6 +65,7 @@ from .cluster import CommandRouter, CommandUnanswered
 from .events import EVENT_TYPES
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
+from .store import parse_time
 
 if TYPE_CHECKING:
     from tools.ami import Telephony
@@ -93,6 +97,9 @@ class Bridge(Protocol):
     @property
     def webhooks(self) -> Any: ...  # bridge/webhooks.py's WebhookDispatcher
 
+    @property
+    def store(self) -> Any: ...  # bridge/store.py's CallStore (the history)
+
     async def start_outbound_call(self, req: StartCall) -> str: ...
 
     router: CommandRouter  # where commands for calls owned by another cluster node go (bridge/cluster.py)
@@ -101,7 +108,8 @@ class Bridge(Protocol):
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None: ...
 
-    async def list_calls(self, state: str | None, limit: int, offset: int) -> list[dict[str, Any]]: ...
+    async def list_calls(self, state: str | None, limit: int, offset: int,
+                         **filters: str | None) -> list[dict[str, Any]]: ...
 
     def metrics_text(self) -> str: ...
 
@@ -113,6 +121,11 @@ SSE_HEARTBEAT_S = 15.0
 MAX_EVENT_STREAMS = 100
 #: Paths served without a token (load balancers and health checks have none).
 OPEN_PATHS = frozenset({"/v1/health"})
+#: Static files served without a token: the console's page and script (a browser loads a page
+#: before it can send a header; they hold no data — every call they make carries the token) and
+#: the Swagger UI assets of /docs.
+OPEN_PREFIXES = ("/console/", "/docs-assets/")
+CONSOLE_PATH = "/console"
 
 
 # --------------------------------------------------------------------------- string validation
@@ -184,6 +197,10 @@ def _printable(name: str) -> Callable[[str], str]:
 #: Path parameters (call and webhook ids): printable, bounded.
 CallId = Annotated[str, Path(max_length=128), AfterValidator(_printable("call_id"))]
 HookId = Annotated[str, Path(max_length=128), AfterValidator(_printable("hook_id"))]
+
+
+#: A history filter's value: one line, bounded.
+FilterText = Annotated[Plain | None, Query(max_length=200)]
 
 
 # --------------------------------------------------------------------------- bodies
@@ -423,7 +440,7 @@ class ApiGuard:
     def check_access(self, path: str, headers: dict[bytes, list[bytes]]) -> Refusal | None:
         if self.token is None:
             return self._check_local(headers)
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path == CONSOLE_PATH or path.startswith(OPEN_PREFIXES):
             return None
         return self._check_token(headers.get(b"authorization", []))
 
@@ -573,6 +590,28 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
+# --------------------------------------------------------------------------- console and docs files
+
+#: The console's files (bridge/console/), served from memory: name → media type.
+CONSOLE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                 "app.css": "text/css; charset=utf-8"}
+#: The console runs only its own script and style (no inline code, nothing from elsewhere); it talks
+#: only to this API, plays recordings from blob: URLs it made itself, and may not be framed.
+CONSOLE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+               "media-src blob:; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CONSOLE_HEADERS = {"Content-Security-Policy": CONSOLE_CSP, "Referrer-Policy": "no-referrer",
+                   "X-Frame-Options": "DENY"}
+#: The Swagger UI files /docs uses (the swagger-ui-bundle package's copy): name → media type.
+SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+                  "favicon-32x32.png": "image/png"}
+
+
+def _console_files() -> dict[str, tuple[bytes, str]]:
+    """The console's files, read once from the package (declared as package data)."""
+    root = importlib.resources.files("bridge") / "console"
+    return {name: (root.joinpath(name).read_bytes(), media_type) for name, media_type in CONSOLE_FILES.items()}
+
+
 # --------------------------------------------------------------------------- app
 
 
@@ -584,7 +623,9 @@ def create_app(bridge: Bridge) -> FastAPI:
     def guard(inner: ASGIApp) -> ASGIApp:
         return ApiGuard(inner, token=token, max_body_bytes=cfg.max_body_bytes, refusals=refusals)
 
-    app = _GuardedApp(guard, title="voxbridge", version=__version__,
+    # /docs is served below from the bridge's own copy of Swagger UI (an air-gapped PBX has no
+    # CDN); ReDoc has no such copy, so it is not offered rather than served blank.
+    app = _GuardedApp(guard, title="voxbridge", version=__version__, docs_url=None, redoc_url=None,
                       description="Start, follow and control AI phone calls; subscribe to call events.")
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -618,11 +659,44 @@ def create_app(bridge: Bridge) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         cluster = getattr(bridge, "cluster", None)
+        recordings = getattr(bridge, "recordings", None)
         return {"status": "ok", "version": __version__, "calls_active": len(bridge.sessions),
                 "node": cluster.node_id if cluster is not None else None,
                 "ami_connected": bool(bridge.ami and bridge.ami.connected.is_set()),
                 # MCP tool sources (tools/mcp.py): a source that is down leaves the bridge "ok"
-                "tool_sources": {s.name: s.health() for s in getattr(bridge, "tool_sources", ())}}
+                "tool_sources": {s.name: s.health() for s in getattr(bridge, "tool_sources", ())},
+                # Disk used by call recordings (bridge/recording.py); null when no profile records
+                "recordings": recordings.health() if recordings is not None else None}
+
+    # -- the operator console and /docs, from files inside the package (no CDN)
+
+    console_files = _console_files()
+
+    @app.get(CONSOLE_PATH, include_in_schema=False)
+    async def console_page() -> Response:
+        body, media_type = console_files["index.html"]
+        return Response(body, media_type=media_type, headers=CONSOLE_HEADERS)
+
+    @app.get(CONSOLE_PATH + "/{name}", include_in_schema=False)
+    async def console_file(name: Annotated[str, Path(max_length=64)]) -> Response:
+        if name not in console_files:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such console file")
+        body, media_type = console_files[name]
+        return Response(body, media_type=media_type, headers=CONSOLE_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="voxbridge API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: Annotated[str, Path(max_length=64)]) -> Response:
+        media_type = SWAGGER_ASSETS.get(name)
+        if media_type is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such asset")
+        return FileResponse(swagger_ui_path / name, media_type=media_type)
 
     @app.get("/v1/auth")
     async def auth_check() -> dict[str, bool]:
@@ -650,8 +724,41 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.get("/v1/calls")
     async def list_calls(state: Literal["active", "ended"] | None = None,
-                         limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        return {"calls": await bridge.list_calls(state, limit, offset)}
+                         limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                         caller: FilterText = None, profile: FilterText = None, end_reason: FilterText = None,
+                         since: FilterText = None, until: FilterText = None) -> dict[str, Any]:
+        """The history, newest first; caller, profile and end_reason match exactly, since/until
+        (ISO-8601; UTC unless a zone is given) bound the start time."""
+        for name, value in (("since", since), ("until", until)):
+            if value is not None:
+                try:
+                    parse_time(value, name)
+                except ValueError as exc:
+                    raise HTTPException(422, str(exc)) from None
+        return {"calls": await bridge.list_calls(state, limit, offset, caller=caller, profile=profile,
+                                                 end_reason=end_reason, since=since, until=until)}
+
+    @app.get("/v1/calls/{call_id}/tools")
+    async def call_tools(call_id: CallId) -> dict[str, Any]:
+        """Every tool call of a call from the history, in full: arguments (names in
+        store.redact_args stay redacted), result, outcome, timings."""
+        if await bridge.get_call(call_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no call {call_id}")
+        return {"tools": await bridge.store.get_tool_calls(call_id)}
+
+    @app.get("/v1/calls/{call_id}/recording", response_class=FileResponse,
+             responses={200: {"content": {"audio/wav": {}}, "description": "stereo WAV: caller left, AI right"}})
+    async def recording(call_id: CallId) -> Response:
+        recordings = getattr(bridge, "recordings", None)
+        if call_id in bridge.sessions and bridge.sessions[call_id].recorder is not None:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"call {call_id} is still being recorded: "
+                                                          "its recording is ready when it ends")
+        path = await recordings.file(call_id) if recordings is not None else None
+        if path is None:
+            why = ("no profile records calls (profiles.<name>.record)" if recordings is None
+                   else "it was not recorded, or its recording was removed (retention, recordings.max_total_mb)")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recording of call {call_id}: {why}")
+        return FileResponse(path, media_type="audio/wav", filename=path.name)
 
     @app.get("/v1/calls/{call_id}")
     async def get_call(call_id: CallId) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from .hooks import CallHooks
 from .leg import CallerLeg
 from .metrics import BridgeMetrics
 from .playout import PlayoutClock
+from .recording import Recordings
 from .server import AudioSocketConnection, AudioSocketIngress, start_server
 from .session import CallServices, CallSession
 from .supervise import Supervisor
@@ -124,11 +125,16 @@ class Bridge:
             self.hooks = CallHooks(config, lambda: self.hub.webhooks, self.events, self.supervisor)
         except ValueError as exc:  # e.g. a hook header names a missing environment variable
             raise ConfigError(str(exc)) from None
+        #: The call recordings, when a profile records (bridge/recording.py).
+        self.recordings: Recordings | None = None
+        if any(p.record for p in config.profiles.values()):
+            self.recordings = Recordings(config.recordings.path, int(config.recordings.max_total_mb * 1024 * 1024),
+                                         config.store.retention_days)
         self.call_services = CallServices(
             config=config, clock=self.clock, events=self.events, tools=self.tools, gateways=self.gateways,
             settings=self.asterisk if self.cluster is None else ClusterSettings(self.cluster, self.asterisk),
             fallbacks=self.asterisk, registry=self.calls, supervisor=self.supervisor,
-            metrics=self.metrics, hooks=self.hooks,
+            metrics=self.metrics, hooks=self.hooks, recordings=self.recordings,
         )
         self.api: Any = None
         errors, warnings = config.problems(self.tools.names)
@@ -213,6 +219,8 @@ class Bridge:
         if self.cluster is not None:
             assert self.hub.webhooks is not None
             self.hub.webhooks.on_change = self.cluster.hooks_changed
+        if self.recordings is not None:
+            await self.recordings.start()
         # AMI connects (and reconnects) in the background. The loop survives every failure of a
         # connection by itself; the supervisor catches a bug in the loop's own machinery.
         await self.asterisk.start(lambda run: self.supervisor.start("ami", run))
@@ -289,6 +297,8 @@ class Bridge:
             await ari.client.close()
         if api is not None:
             await api.stop()
+        if self.recordings is not None:
+            await self.recordings.close()  # after the calls: each one's file is completed
         await self.hooks.close()  # on_call_end deliveries still retrying: a short grace (before the hub's client)
         await self.hub.close()  # after the calls: their call.ended gets a chance to go out
         await self.http.aclose()
@@ -339,12 +349,23 @@ class Bridge:
         session = self.sessions.get(call_id)
         if session is not None:
             return self._live_info(session)
-        return await self.store.get_call(call_id)
+        call = await self.store.get_call(call_id)
+        return None if call is None else self._with_recording(call)
 
-    async def list_calls(self, state: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-        calls = await self.store.list_calls(state, limit, offset)
-        return [self._live_info(self.sessions[c["call_id"]]) if c["call_id"] in self.sessions else c
-                for c in calls]
+    def _with_recording(self, call: dict[str, Any]) -> dict[str, Any]:
+        """An ended call from the history, with the link to its recording if it has one."""
+        url = None
+        if self.recordings is not None and self.recordings.has(call["call_id"]):
+            url = f"/v1/calls/{call['call_id']}/recording"
+        return {**call, "recording": url}
+
+    async def list_calls(self, state: str | None, limit: int, offset: int,
+                         **filters: str | None) -> list[dict[str, Any]]:
+        """The history, newest first; ``filters``: caller, profile, end_reason, since, until
+        (bridge/store.py's ``list_calls``)."""
+        calls = await self.store.list_calls(state, limit, offset, **filters)
+        return [self._live_info(self.sessions[c["call_id"]]) if c["call_id"] in self.sessions
+                else self._with_recording(c) for c in calls]
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of this bridge's metrics (bridge/metrics.py)."""

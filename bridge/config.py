@@ -197,6 +197,8 @@ class Profile(_Model):
     variables: dict[str, str] = Field(default_factory=dict, description="defaults for prompt {placeholders}")
     fallback: Fallback = Field(default_factory=Fallback)
     hooks: HooksConfig = Field(default_factory=HooksConfig, description="HTTP hooks at call start and end")
+    record: bool = Field(False, description="record each call as a stereo WAV (caller left, AI right) in "
+                                            "recordings.path")
 
     @field_validator("dtmf")
     @classmethod
@@ -657,6 +659,12 @@ class ClusterConfig(_Model):
         return self.redis_url is not None
 
 
+class RecordingsConfig(_Model):
+    path: Path = Field(Path("recordings"), description="directory of the call recordings (profiles' record: true)")
+    max_total_mb: float = Field(1024, gt=0, description="most disk the recordings may use; the oldest are "
+                                                        "deleted beyond it")
+
+
 class Config(_Model):
     ingress: list[Ingress] = Field(default_factory=lambda: list[Ingress](["audiosocket"]),
                                    description="how Asterisk hands calls over: audiosocket, ari, or both")
@@ -669,6 +677,7 @@ class Config(_Model):
     ami: AmiConfig = Field(default_factory=AmiConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    recordings: RecordingsConfig = Field(default_factory=RecordingsConfig)
     allow: Allowlist = Field(default_factory=Allowlist)
     originate: OriginateConfig = Field(default_factory=OriginateConfig)
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)

@@ -136,6 +136,12 @@ class _NoHooks:
 NO_HOOKS = _NoHooks()
 
 
+class RecordingOpener(Protocol):
+    """The recordings directory (bridge/recording.py): a recorder for a ``record: true`` call."""
+
+    def open(self, call_id: str, rate: int, pad_frames: int = 0) -> Any: ...
+
+
 class CallMetrics(Protocol):
     """The counters a call bumps (bridge/metrics.py)."""
 
@@ -159,6 +165,8 @@ class CallServices:
     supervisor: TaskWatcher
     metrics: CallMetrics
     hooks: CallHooks = NO_HOOKS
+    #: Set when a profile has ``record: true`` (bridge/recording.py's Recordings).
+    recordings: RecordingOpener | None = None
 
 
 class CallSession:  # implements tools.base.CallControl (structurally)
@@ -201,6 +209,10 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.ended = asyncio.Event()
         self.transcript: list[dict[str, Any]] = []
         self.stats: collections.Counter[str] = collections.Counter()
+        #: The call's recording (bridge/recording.py's CallRecorder) when its profile says ``record``.
+        self.recorder: Any = None
+        #: Where ``GET`` finds the recording (in ``call.ended`` and the call's info), once recording.
+        self.recording_url: str | None = None
 
     def __repr__(self) -> str:
         return f"<CallSession {self.call_id} {self._fsm.state.name}>"
@@ -308,6 +320,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         if self.profile.hooks.on_call_start is not None:
             refusal = await services.hooks.call_starting(self.profile_name, self.context(), settings, self.log)
             self._apply_settings(settings)
+        self._start_recording()
         self._publish("call.started", self.call_id, **self._summary())
         if self._fsm.state in FINISHING:
             return
@@ -382,6 +395,17 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self._timer = loop.call_later(profile.max_duration + MAX_DURATION_GRACE_S, self._max_duration)
         await self._downlink(gateway)
 
+    def _start_recording(self) -> None:
+        """Record the call if its profile says so. The clock has been ticking since the UUID
+        arrived: those ticks become silence at the start, so the recording is as long as the call."""
+        recordings = self.services.recordings
+        if not self.profile.record or recordings is None or self.recorder is not None:
+            return
+        ticks = self.stats["frames_out"] + self.stats["frames_out_dropped"]
+        self.recorder = recordings.open(self.call_id, self.caller_rate, ticks)
+        if self.recorder is not None:
+            self.recording_url = f"/v1/calls/{self.call_id}/recording"
+
     def _apply_settings(self, s: CallSettings) -> None:
         cfg = self.services.config
         name = s.profile or cfg.default_profile
@@ -416,6 +440,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # end_reason is set exactly as the call moves to ENDING: one load per frame, not a set lookup.
         if self.end_reason is not None:
             return
+        rec = self.recorder
+        if rec is not None:
+            rec.caller(pcm)
         gw = self.gateway
         if gw is None:
             self._preconnect.append(pcm)  # resampled when the gateway is connected
@@ -433,6 +460,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.caller_rate = rate
         self.playout = PlayoutBuffer(rate, self.services.config.audiosocket.playout_max_seconds)
         self._preconnect.clear()
+        if self.recorder is not None:
+            self.recorder.rate_changed(rate)
         if self.gateway is not None:
             self._init_uplink()
 
@@ -484,6 +513,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
     def on_tick(self) -> None:
         """The clock's 20 ms tick: exactly one frame to the caller."""
         frame = self.playout.pop()
+        rec = self.recorder
+        if rec is not None:
+            rec.tick(frame)
         if self.leg.send_frame(frame):
             self.stats["frames_out"] += 1
         else:
@@ -703,8 +735,13 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         gateway_stats: dict[str, int] = {}
         if self.gateway is not None:
             self._guard("reading the gateway's counters", lambda: gateway_stats.update(self.gateway.stats))
+        recording: dict[str, Any] = {}
+        if self.recorder is not None:
+            # The file is completed on the recordings' thread; GET .../recording waits for it.
+            self._guard("finishing the recording", self.recorder.close, round(duration, 3))
+            recording["recording"] = self.recording_url
         ended = self._publish(
-            "call.ended", self.call_id, reason=reason, duration_s=round(duration, 3),
+            "call.ended", self.call_id, reason=reason, duration_s=round(duration, 3), **recording,
             transcript=list(self.transcript),
             tools=[{"tool": o.name, "outcome": o.outcome, "duration_ms": round(o.duration_ms, 1)}
                    for o in (self.router.outcomes if self.router else [])],
@@ -744,6 +781,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             "gateway_rate": self.gateway.sample_rate if self.gateway is not None else self.profile.sample_rate,
             "transcript": list(self.transcript),
             "end_reason": self.end_reason,
+            "recording": self.recording_url,
+            # Media health: frames each way, what could not be sent, the playout queue.
+            "media": {"frames_in": self.stats["frames_in"], "frames_out": self.stats["frames_out"],
+                      "frames_out_dropped": self.stats["frames_out_dropped"],
+                      "barge_ins": self.stats["barge_ins"], "playout_pending_ms": self.playout.pending_ms},
         }
 
     def _api_state(self) -> str:

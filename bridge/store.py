@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import datetime
 import json
 import logging
 import os
@@ -166,6 +167,19 @@ def redact(value: Any, names: frozenset[str]) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v, names) for v in value]
     return value
+
+
+def parse_time(value: str, name: str) -> float:
+    """An ISO-8601 date or time (``2026-11-29``, ``2026-11-29T08:00:00+01:00``; UTC when it names
+    no zone) as a Unix timestamp. Raises ValueError naming ``name``."""
+    try:
+        t = datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an ISO-8601 date or time (e.g. 2026-11-29T08:00:00Z), "
+                         f"not {value!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    return t.timestamp()
 
 
 def _json(value: Any) -> str:
@@ -498,10 +512,14 @@ class CallStore:
         calls = await self._run(self._select_calls, "WHERE call_id = ?", (call_id,), 1, 0)
         return calls[0] if calls else None
 
-    async def list_calls(self, state: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    async def list_calls(self, state: str | None = None, limit: int = 50, offset: int = 0, *,
+                         caller: str | None = None, profile: str | None = None, end_reason: str | None = None,
+                         since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         """Calls newest first. ``state``: None (all), ``"active"`` (not over) or ``"ended"``
-        (ended or failed). Raises ValueError for any other state or a negative limit/offset."""
-        where, params = self._state_filter(state)
+        (ended or failed). ``caller``, ``profile``, ``end_reason``: exact matches. ``since`` /
+        ``until``: ISO-8601 times (a zone, else UTC) bounding ``started_at`` (since inclusive, until
+        exclusive). Raises ValueError naming the parameter for any bad value."""
+        where, params = self._filters(state, caller, profile, end_reason, since, until)
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must not be negative")
         await self.flush()
@@ -526,6 +544,23 @@ class CallStore:
                      "completed_at": r[8]} for r in rows]
 
         return await self._run(q)
+
+    @classmethod
+    def _filters(cls, state: str | None, caller: str | None, profile: str | None, end_reason: str | None,
+                 since: str | None, until: str | None) -> tuple[str, tuple[Any, ...]]:
+        """The WHERE clause of :meth:`list_calls`' filters (exact matches, ANDed)."""
+        where, params = cls._state_filter(state)
+        clauses = [where[len("WHERE "):]] if where else []
+        args: list[Any] = list(params)
+        for column, value in (("caller", caller), ("profile", profile), ("end_reason", end_reason)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        for name, value, op in (("since", since, ">="), ("until", until, "<")):
+            if value is not None:
+                clauses.append(f"started_at {op} ?")
+                args.append(parse_time(value, name))
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
     @staticmethod
     def _state_filter(state: str | None) -> tuple[str, tuple[Any, ...]]:

@@ -60,6 +60,12 @@ if [ "$(id -u)" = 0 ] && { ! command -v redis-server >/dev/null || ! ls /usr/lib
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql \
     >/dev/null || echo "==> WARNING: could not install redis-server/postgresql: the cluster tests will FAIL"
 fi
+if [ "$(id -u)" = 0 ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+  # A real browser for the operator console's test (tests/e2e/test_console.py, through Selenium).
+  echo "==> installing chromium and chromium-driver (Debian packages) for the console test"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+    || echo "==> WARNING: could not install chromium/chromium-driver: the console test will be skipped"
+fi
 
 echo "==> running the tests"
 exec .venv/bin/python -m pytest "$@"

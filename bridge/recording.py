@@ -1,0 +1,323 @@
+"""Call recordings: each call of a ``record: true`` profile as a stereo WAV, caller left, AI right.
+
+Built from the audio the bridge already has, so it works however the call came in (AudioSocket
+from the dialplan, an API call, ``voxbridge dial``) and needs no AMI ``MixMonitor``:
+
+* the caller's frames, as :meth:`CallRecorder.caller` from ``CallSession.on_caller_audio``;
+* the frames the playout clock sends the caller (the AI's speech, silence between), as
+  :meth:`CallRecorder.tick` from ``CallSession.on_tick``.
+
+**Time alignment.** The playout clock is the recording's clock: every tick adds exactly one
+stereo frame, its right channel the frame the caller was sent, its left the oldest caller frame
+that arrived since (silence if none did). Caller frames arriving in a burst wait in a short
+queue (``JITTER_FRAMES``; beyond it the oldest is dropped and counted: a caller sending faster
+than real time is not a telephone). At the end the recording is padded or cut to the call's
+duration as ``call.ended`` reports it, so a tick the loaded machine skipped does not shorten it:
+the WAV is as long as the call, to the sample.
+
+**The hot path stays cheap.** Per frame the session pays one list append (a reference to bytes it
+already holds). Every ``FLUSH_FRAMES`` ticks the pending frames go to :class:`Recordings`' single
+writer thread, which interleaves them (numpy) and appends them to the file; the WAV header is
+written at the start and completed at the end (``wave``). Nothing touches the disk on the event
+loop.
+
+**Disk.** :class:`Recordings` owns the directory (``recordings.path``): recordings of calls that
+ended more than ``store.retention_days`` ago are deleted (the history's retention), and when the
+total passes ``recordings.max_total_mb`` the oldest finished recordings are deleted until it fits.
+Both run on the writer thread after each recording is finished and when the bridge starts. The
+totals are reported in ``/v1/health`` (``recordings``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import os
+import re
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("voxbridge.recording")
+
+#: Frames (20 ms ticks) held in memory before they are handed to the writer thread: 5 s.
+FLUSH_FRAMES = 250
+#: Caller frames that may wait for their tick (a burst from the network); beyond, oldest dropped.
+JITTER_FRAMES = 10
+#: A recording's file name: the call's id, as the API names the call (path-safe characters only).
+_SAFE_ID = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+#: How long ``GET /v1/calls/{id}/recording`` waits for a just-ended call's file to be completed.
+FINISH_WAIT_S = 10.0
+
+
+def recording_name(call_id: str) -> str | None:
+    """The file name of ``call_id``'s recording, or None if the id cannot be a file name."""
+    if not _SAFE_ID.fullmatch(call_id) or call_id.startswith("."):
+        return None
+    return f"{call_id}.wav"
+
+
+def interleave(left: bytes, right: bytes) -> bytes:
+    """Two mono 16-bit PCM buffers of equal length as one stereo buffer (L R L R …)."""
+    a = np.frombuffer(left, "<i2")
+    b = np.frombuffer(right, "<i2")
+    out = np.empty(a.size * 2, "<i2")
+    out[0::2] = a
+    out[1::2] = b
+    return out.tobytes()
+
+
+class CallRecorder:
+    """One call's recording: frames in on the event loop, chunks out to the writer thread."""
+
+    def __init__(self, owner: Recordings, call_id: str, path: Path, rate: int, pad_frames: int = 0) -> None:
+        self.call_id = call_id
+        self.path = path
+        self.rate = rate
+        self._owner = owner
+        self._frame_bytes = rate // 50 * 2
+        self._silence = bytes(self._frame_bytes)
+        self._caller: collections.deque[bytes] = collections.deque()
+        self._left: list[bytes] = []
+        self._right: list[bytes] = []
+        self._flushed = False
+        self._closed = False  # no more frames written (ended, or stopped by a rate change)
+        self._finished = False  # close() was called
+        #: Frames written (ticks, plus the silence for the ticks before the recording opened).
+        self.frames = 0
+        #: Caller frames dropped because more than JITTER_FRAMES waited for a tick.
+        self.caller_dropped = 0
+        self._writer: wave.Wave_write | None = None
+        self._samples = 0  # stereo samples in the file (writer thread)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pad(pad_frames)
+
+    def _pad(self, frames: int) -> None:
+        for _ in range(frames):
+            self._left.append(self._silence)
+            self._right.append(self._silence)
+        self.frames += frames
+
+    # -- the media path (event loop): appends only
+
+    def caller(self, pcm: bytes) -> None:
+        """A frame from the caller (any length; re-cut to frames when written)."""
+        q = self._caller
+        if len(q) >= JITTER_FRAMES:
+            q.popleft()
+            self.caller_dropped += 1
+        q.append(pcm)
+
+    def tick(self, frame: bytes) -> None:
+        """The frame the caller was sent on this tick: one stereo frame is recorded."""
+        self._right.append(frame)
+        self._left.append(self._caller.popleft() if self._caller else self._silence)
+        self.frames += 1
+        if len(self._right) >= FLUSH_FRAMES:
+            self._flush()
+
+    def rate_changed(self, rate: int) -> None:
+        """The caller's leg changed rate (AudioSocket: told by its first audio frame). Before
+        anything was written, the recording starts again at the new rate with as many frames
+        of silence as it had (the call's first moments are silence anyway); later the new
+        frames would not fit the file, so recording stops there and says so."""
+        if rate == self.rate:
+            return
+        if self._flushed:
+            self._owner.log_problem(self, f"the caller's rate changed to {rate} Hz mid-call: recording stopped")
+            self._closed = True
+            return
+        frames = self.frames
+        self.rate, self._frame_bytes = rate, rate // 50 * 2
+        self._silence = bytes(self._frame_bytes)
+        self._caller.clear()
+        self._left, self._right, self.frames = [], [], 0
+        self._pad(frames)
+
+    def _flush(self) -> None:
+        if self._closed:
+            self._left, self._right = [], []
+            return
+        left, right = self._left, self._right
+        self._left, self._right = [], []
+        self._flushed = True
+        self._owner.submit(self._write, left, right, False, None)
+
+    def close(self, duration_s: float | None) -> None:
+        """The call ended after ``duration_s`` (its ``call.ended`` duration): write what is left,
+        pad or cut to exactly that length, complete the header. :attr:`done` resolves when the
+        file is complete."""
+        if self._finished:
+            return
+        self._finished = True
+        left, right = self._left, self._right
+        self._left, self._right = [], []
+        stopped = self._closed
+        self._closed = True
+        target = None if duration_s is None else round(duration_s * self.rate)
+        fut = self._owner.submit(self._write, [] if stopped else left, [] if stopped else right, True, target)
+        self._owner.track(self, fut)
+
+    # -- the writer thread
+
+    def _write(self, left: list[bytes], right: list[bytes], final: bool, total_samples: int | None) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            w = wave.open(str(self.path), "wb")  # noqa: SIM115 - open across chunks, closed by the last
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(self.rate)
+            self._writer = w
+        w = self._writer
+        data = interleave(self._fit(left), self._fit(right)) if left else b""
+        if total_samples is not None:  # the last chunk: exactly the call's length
+            data = data[:max(0, total_samples - self._samples) * 4]
+            data += bytes(max(0, total_samples - self._samples - len(data) // 4) * 4)
+        if data:
+            w.writeframesraw(data)
+            self._samples += len(data) // 4
+        if final:
+            w.close()  # writes the header's final sizes
+            self._writer = None
+
+    def _fit(self, frames: list[bytes]) -> bytes:
+        """Frames of any length joined, each cut or padded to exactly one frame: a short or long
+        frame never shifts the rest of the recording out of line."""
+        n = self._frame_bytes
+        return b"".join(f[:n] if len(f) >= n else f + bytes(n - len(f)) for f in frames)
+
+
+class Recordings:
+    """The recordings directory: opens recorders, writes them on one thread, bounds the disk."""
+
+    def __init__(self, path: Path, max_total_bytes: int, retention_days: float | None, *,
+                 now: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.max_total_bytes = max_total_bytes
+        self.retention_days = retention_days
+        self._now = now
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxbridge-recording")
+        self._open: dict[str, CallRecorder] = {}
+        self._finishing: dict[str, asyncio.Future[None]] = {}
+        #: Reported in /v1/health (updated by the writer thread after each pass).
+        self.total_bytes = 0
+        self.files = 0
+        self.removed = 0
+        self.errors = 0
+
+    # -- life cycle
+
+    async def start(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the recordings directory {self.path}: {exc.strerror} "
+                          "(recordings.path)") from None
+        await asyncio.wrap_future(self._executor.submit(self._enforce))
+
+    async def close(self) -> None:
+        """Finish every recording still open (a bridge stopping ends its calls first)."""
+        for rec in list(self._open.values()):
+            rec.close(None)
+        if self._finishing:
+            await asyncio.wait(list(self._finishing.values()), timeout=FINISH_WAIT_S)
+        self._executor.shutdown(wait=True)
+
+    def health(self) -> dict[str, Any]:
+        return {"path": str(self.path), "files": self.files, "total_bytes": self.total_bytes,
+                "max_total_bytes": self.max_total_bytes, "removed": self.removed, "errors": self.errors,
+                "recording": len(self._open)}
+
+    # -- recorders
+
+    def open(self, call_id: str, rate: int, pad_frames: int = 0) -> CallRecorder | None:
+        """A recorder for ``call_id`` at ``rate`` (None if the id cannot be a file name)."""
+        name = recording_name(call_id)
+        if name is None:
+            log.warning("[%s] not recorded: the call id cannot be a file name", call_id)
+            return None
+        rec = CallRecorder(self, call_id, self.path / name, rate, pad_frames)
+        self._open[call_id] = rec
+        return rec
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        return self._executor.submit(self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self.errors += 1
+            log.exception("recording: write failed")
+
+    def track(self, rec: CallRecorder, fut: concurrent.futures.Future[None]) -> None:
+        """The recorder closed: when its file is complete, bound the disk and resolve ``done``."""
+        self._open.pop(rec.call_id, None)
+        afut = asyncio.wrap_future(fut)
+        self._finishing[rec.call_id] = afut
+
+        def finished(_: Any) -> None:
+            self._finishing.pop(rec.call_id, None)
+            if not rec.done.done():
+                rec.done.set_result(None)
+            self._executor.submit(self._enforce)
+
+        afut.add_done_callback(finished)
+
+    def log_problem(self, rec: CallRecorder, message: str) -> None:
+        log.warning("[%s] recording: %s", rec.call_id, message)
+
+    def has(self, call_id: str) -> bool:
+        """Whether ``call_id`` has a recording (finished or being completed)."""
+        name = recording_name(call_id)
+        return name is not None and (call_id in self._finishing or (self.path / name).is_file())
+
+    async def file(self, call_id: str) -> Path | None:
+        """The finished recording of ``call_id`` (waiting for one being completed), or None."""
+        name = recording_name(call_id)
+        if name is None:
+            return None
+        if (pending := self._finishing.get(call_id)) is not None:
+            try:
+                async with asyncio.timeout(FINISH_WAIT_S):
+                    await asyncio.shield(pending)
+            except TimeoutError:
+                return None
+        if call_id in self._open:
+            return None  # still recording: the file is not a complete WAV yet
+        path = self.path / name
+        return path if path.is_file() else None
+
+    # -- disk bounds (writer thread)
+
+    def _enforce(self) -> None:
+        """Delete recordings past retention, then the oldest until the total fits."""
+        try:
+            busy = {recording_name(c) for c in list(self._open)}
+            entries: list[tuple[float, int, Path]] = []
+            with os.scandir(self.path) as it:
+                for e in it:
+                    if e.name.endswith(".wav") and e.is_file() and e.name not in busy:
+                        st = e.stat()
+                        entries.append((st.st_mtime, st.st_size, Path(e.path)))
+            entries.sort()
+            cutoff = None if self.retention_days is None else self._now() - self.retention_days * 86400
+            total = sum(size for _, size, _ in entries)
+            kept = []
+            for mtime, size, p in entries:
+                if (cutoff is not None and mtime < cutoff) or total > self.max_total_bytes:
+                    p.unlink(missing_ok=True)
+                    total -= size
+                    self.removed += 1
+                else:
+                    kept.append(p)
+            self.total_bytes, self.files = total, len(kept)
+        except OSError:
+            self.errors += 1
+            log.exception("recording: cannot bound the recordings directory %s", self.path)
