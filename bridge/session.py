@@ -442,13 +442,15 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # end_reason is set exactly as the call moves to ENDING: one load per frame, not a set lookup.
         if self.end_reason is not None:
             return
+        muted = self.muted
+        if muted:  # the AI hears silence in its place (see mute), held audio included
+            pcm = self._silent(len(pcm))
         gw = self.gateway
         if gw is None:
             self._preconnect.append(pcm)  # resampled when the gateway is connected
             self._first_frame.set()
             return
-        if self.muted:
-            pcm = self._silent(len(pcm))
+        if muted:
             if self._silence is not None:
                 self._silence.caller_active(time.monotonic())  # the operator has the floor: no check-in
         elif (gate := self._gate) is not None and (edge := gate.feed(pcm)) is not None:
