@@ -715,26 +715,32 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.post("/v1/calls/{call_id}/context")
     async def add_context(call_id: CallId, body: CommandText) -> dict[str, Any]:
+        """Add instructions or facts to the live conversation (capability ``context``)."""
         return command(call_id, "context", lambda s: s.add_context(body.text))
 
     @app.post("/v1/calls/{call_id}/say")
     async def say(call_id: CallId, body: CommandText) -> dict[str, Any]:
+        """Make the AI say ``text`` now (capability ``say``)."""
         return command(call_id, "say", lambda s: s.say(body.text))
 
     @app.put("/v1/calls/{call_id}/tools")
     async def set_tools(call_id: CallId, body: ToolsIn) -> dict[str, Any]:
+        """Replace the tools the AI may call, among those its profile offered (capability ``tools``)."""
         return command(call_id, "tools", lambda s: {"tools": s.set_tools(list(body.tools))})
 
     @app.post("/v1/calls/{call_id}/mute")
     async def mute(call_id: CallId) -> dict[str, Any]:
+        """Send silence to the AI instead of the caller's audio (every call)."""
         return command(call_id, "mute", lambda s: {"muted": True, "changed": s.mute()})
 
     @app.post("/v1/calls/{call_id}/unmute")
     async def unmute(call_id: CallId) -> dict[str, Any]:
+        """Send the caller's audio to the AI again (every call)."""
         return command(call_id, "unmute", lambda s: {"muted": False, "changed": s.unmute()})
 
     @app.post("/v1/calls/{call_id}/tags")
     async def tag(call_id: CallId, body: TagsIn) -> dict[str, Any]:
+        """Merge ``tags`` into the call's metadata, carried on every later event (every call)."""
         return command(call_id, "tag", lambda s: {"metadata": s.add_tags(dict(body.tags))})
 
     # -- webhooks (the n8n trigger node's lifecycle)

@@ -220,6 +220,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: The silence watchdog (profile ``silence``) and, without a local VAD, its energy gate.
         self._silence: SilenceWatchdog | None = None
         self._gate: EnergyGate | None = None
+        #: What the call's adapter can do mid-call, known as soon as it is built (before it connects).
+        self._gateway_capabilities: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"<CallSession {self.call_id} {self._fsm.state.name}>"
@@ -363,6 +365,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             caller_rate=self.caller_rate,
         )
         gateway = services.gateways(self)
+        self._gateway_capabilities = gateway.capabilities
         # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
         gateway.playout_position = lambda: self.playout.consumed_s
         self._offerable, self._tool_snapshot = offered, tools
@@ -805,9 +808,10 @@ class CallSession:  # implements tools.base.CallControl (structurally)
 
     @property
     def capabilities(self) -> list[str]:
-        """The mid-call commands this call supports now (the API's ``capabilities``)."""
-        gw = self.gateway
-        return [c for c in COMMANDS if c in BRIDGE_COMMANDS or (gw is not None and c in gw.capabilities)]
+        """The mid-call commands this call supports (the API's ``capabilities``): the bridge's own,
+        and its AI backend's once the adapter is chosen (while it connects, those answer 409)."""
+        own = self._gateway_capabilities
+        return [c for c in COMMANDS if c in BRIDGE_COMMANDS or c in own]
 
     def _live_gateway(self, command: str) -> Gateway:
         gw = self.gateway

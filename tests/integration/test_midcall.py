@@ -20,6 +20,7 @@ import pytest
 from bridge.app import Bridge
 from bridge.config import Config
 from bridge.devtools.dial import AudioSocketCaller, tone
+from bridge.devtools.gateway_sim import speechlike
 from bridge.events import Event, Subscription
 
 from .test_protocols import KEY, EchoArgs, _make_sim
@@ -58,8 +59,10 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[tuple[Any, Bridge, httpx.AsyncClient, AudioSocketCaller | None]] = []
     callers: list[AudioSocketCaller] = []
 
-    async def factory(protocol: str, profile: dict[str, Any] | None = None) -> Rig:
+    async def factory(protocol: str, profile: dict[str, Any] | None = None,
+                      gateway: dict[str, Any] | None = None) -> Rig:
         sim, extra = _make_sim(protocol)
+        extra = {**extra, **(gateway or {})}
         await sim.start()
         data = {
             "audiosocket": {"listen": "127.0.0.1:0"},
@@ -126,6 +129,7 @@ async def test_capabilities_are_declared_and_the_rest_refused_with_409(make_rig,
     await asyncio.sleep(0.3)
     new = [m.get("type") for m in list(session.messages)[before:]]
     assert all(t in ("audio.input", "audio_data", "input_audio_buffer.append", None) for t in new), new
+    assert session.violations == []
     # The bridge's own commands work on every protocol.
     r = await rig.client.post(f"/v1/calls/{call_id}/tags", json={"tags": {"ticket": "T-1"}})
     assert r.status_code == 200 and r.json()["metadata"] == {"ticket": "T-1"}
@@ -246,6 +250,25 @@ async def test_mute_sends_silence_and_unmute_resumes(make_rig):
     await rig.event("call.ended")
 
 
+async def test_a_muted_caller_does_not_barge_in_through_the_local_vad(make_rig):
+    rig = await make_rig("openai-realtime", gateway={"vad": {"mode": "local"}})
+    caller, session, call_id = await make_rig.dial(rig)
+    assert (await rig.client.post(f"/v1/calls/{call_id}/mute")).status_code == 200
+    await session.say("a long answer", ms=6000)
+    await asyncio.sleep(0.3)
+    caller.say(speechlike("I want to talk to a person", 1500, 8000))
+    await caller.wait_spoken(5)
+    await asyncio.sleep(0.8)
+    assert rig.bridge.sessions[call_id].stats["barge_ins"] == 0 and session.truncates == []
+    # The same words unmuted do cut the AI short (the test can see a barge-in).
+    assert (await rig.client.post(f"/v1/calls/{call_id}/unmute")).status_code == 200
+    caller.say(speechlike("I want to talk to a person", 1500, 8000))
+    barge_in = await rig.event("barge_in", timeout=5)
+    assert barge_in.data["source"] == "local"
+    caller.hangup()
+    await rig.event("call.ended")
+
+
 async def test_tags_ride_on_every_later_event(make_rig):
     rig = await make_rig("aillomvox")
     caller, session, call_id = await make_rig.dial(rig)
@@ -353,3 +376,20 @@ async def test_caller_speech_resets_the_watchdog_and_play_action(make_rig, tmp_p
     caller.hangup()
     ended = await rig.event("call.ended")
     assert ended.data["reason"] != "silence-timeout"
+
+
+async def test_silence_through_the_local_vad(make_rig):
+    """With the bridge's own VAD the watchdog hears the caller through it (no energy gate)."""
+    rig = await make_rig("openai-realtime", profile={"silence": {"timeout_s": 2, "action": "prompt"}},
+                         gateway={"vad": {"mode": "local"}})
+    caller, _, call_id = await make_rig.dial(rig)
+    assert rig.bridge.sessions[call_id]._gate is None  # the VAD is the ear
+    await asyncio.sleep(1.0)
+    # Speech from 1 s to 4 s: a watchdog deaf to it would fire at 2 s, mid-sentence.
+    caller.say(speechlike("Hello, I am calling about my bill and the late fee on it", 3000, 8000))
+    await caller.wait_spoken(5)
+    t_spoke = time.monotonic()
+    await rig.event("silence.detected", timeout=10)
+    assert time.monotonic() - t_spoke >= 1.7, "the watchdog did not hear the caller through the VAD"
+    caller.hangup()
+    await rig.event("call.ended")
