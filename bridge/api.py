@@ -63,6 +63,7 @@ from tools.base import ToolError
 from . import __version__
 from .cluster import CommandRouter, CommandUnanswered
 from .events import EVENT_TYPES
+from .gateway.base import CommandUnavailable, CommandUnsupported
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .store import parse_time
@@ -271,6 +272,33 @@ class Dtmf(_Body):
         if not _DTMF.fullmatch(v):  # a full match: "12\n" is not "12"
             raise ValueError(f"digits {v!r} must be 1 to 32 of 0-9 * # A-D")
         return v
+
+
+#: Longest text of a mid-call ``context`` or ``say`` command (characters).
+MAX_COMMAND_TEXT = 4000
+MAX_TOOLS = 128
+MAX_TAGS = 32
+
+
+class CommandText(_Body):
+    text: str = Field(..., min_length=1, max_length=MAX_COMMAND_TEXT, description="may contain newlines and tabs")
+
+    @field_validator("text")
+    @classmethod
+    def _prose(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text must not be blank")
+        return _no_controls(v, "text", prose=True)
+
+
+class ToolsIn(_Body):
+    tools: list[Annotated[Plain, Field(min_length=1, max_length=128)]] = Field(
+        ..., max_length=MAX_TOOLS, description="names of tools the profile offers; [] for none")
+
+
+class TagsIn(_Body):
+    tags: dict[Annotated[Plain, Field(min_length=1, max_length=64)], Annotated[Plain, Field(max_length=512)]] = \
+        Field(..., min_length=1, max_length=MAX_TAGS, description="merged into the call's metadata")
 
 
 class WebhookIn(_Body):
@@ -800,6 +828,56 @@ def create_app(bridge: Bridge) -> FastAPI:
         except ToolError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         return {"call_id": call_id, "digits": body.digits}
+
+    # -- mid-call commands (bridge/session.py carries them out; the adapters declare what they can)
+
+    def commandable(call_id: str) -> Any:
+        """The live call, or 404: an ended call takes no command (409 means "cannot do that")."""
+        session = bridge.sessions.get(call_id)
+        if session is None:
+            gone = "has ended" if call_id in bridge.known_ended else "is not in progress"
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"call {call_id} {gone}")
+        return session
+
+    def command(call_id: str, name: str, run: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
+        session = commandable(call_id)
+        try:
+            extra = run(session) or {}
+        except (CommandUnsupported, CommandUnavailable) as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"call_id": call_id, "command": name, "ok": True, **extra}
+
+    @app.post("/v1/calls/{call_id}/context")
+    async def add_context(call_id: CallId, body: CommandText) -> dict[str, Any]:
+        """Add instructions or facts to the live conversation (capability ``context``)."""
+        return command(call_id, "context", lambda s: s.add_context(body.text))
+
+    @app.post("/v1/calls/{call_id}/say")
+    async def say(call_id: CallId, body: CommandText) -> dict[str, Any]:
+        """Make the AI say ``text`` now (capability ``say``)."""
+        return command(call_id, "say", lambda s: s.say(body.text))
+
+    @app.put("/v1/calls/{call_id}/tools")
+    async def set_tools(call_id: CallId, body: ToolsIn) -> dict[str, Any]:
+        """Replace the tools the AI may call, among those its profile offered (capability ``tools``)."""
+        return command(call_id, "tools", lambda s: {"tools": s.set_tools(list(body.tools))})
+
+    @app.post("/v1/calls/{call_id}/mute")
+    async def mute(call_id: CallId) -> dict[str, Any]:
+        """Send silence to the AI instead of the caller's audio (every call)."""
+        return command(call_id, "mute", lambda s: {"muted": True, "changed": s.mute()})
+
+    @app.post("/v1/calls/{call_id}/unmute")
+    async def unmute(call_id: CallId) -> dict[str, Any]:
+        """Send the caller's audio to the AI again (every call)."""
+        return command(call_id, "unmute", lambda s: {"muted": False, "changed": s.unmute()})
+
+    @app.post("/v1/calls/{call_id}/tags")
+    async def tag(call_id: CallId, body: TagsIn) -> dict[str, Any]:
+        """Merge ``tags`` into the call's metadata, carried on every later event (every call)."""
+        return command(call_id, "tag", lambda s: {"metadata": s.add_tags(dict(body.tags))})
 
     # -- webhooks (the n8n trigger node's lifecycle)
 

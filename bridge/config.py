@@ -47,6 +47,7 @@ import ipaddress
 import os
 import re
 import types
+import wave
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -178,6 +179,61 @@ class HooksConfig(_Model):
     on_call_end: EndHookConfig | None = None
 
 
+#: Gateway protocols that can make the AI speak on request (the ``say`` command): what a silence
+#: check-in by ``prompt`` needs. The adapters declare it (``capabilities`` in bridge/gateway/*.py);
+#: tests/unit/test_silence.py checks that this list agrees with them.
+SAY_PROTOCOLS = ("generic-ws", "openai-realtime")
+
+
+def _check_wav(path: Path) -> Path:
+    """A WAV the bridge can play: readable, mono, 16-bit PCM (resampled to the call's rate)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, frames = w.getnchannels(), w.getsampwidth(), w.getnframes()
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {str(path)!r}") from None
+    except (OSError, EOFError, wave.Error) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable WAV file ({exc})") from None
+    if channels != 1 or width != 2:
+        raise ValueError(f"{str(path)!r} must be mono 16-bit PCM (it has {channels} channel(s) of "
+                         f"{8 * width} bits)")
+    if frames == 0:
+        raise ValueError(f"{str(path)!r} holds no audio")
+    return path
+
+
+class SilenceConfig(_Model):
+    """The silence watchdog (bridge/silence.py): what to do when the caller says nothing.
+
+    After ``timeout_s`` seconds in which neither the caller spoke nor the AI was heard, the bridge
+    checks in — ``action: prompt`` makes the AI say ``prompt_text`` (needs a backend that can speak
+    on request: generic-ws or openai-realtime), ``action: play`` plays ``wav`` — and publishes
+    ``silence.detected``. With ``hangup_after_s``, if the caller still says nothing for that long
+    after the check-in, the call ends (``silence.hangup``, end reason ``silence-timeout``); without
+    it the check-in repeats every ``timeout_s``. ``energy_threshold_dbfs``: the level above which
+    the caller's audio counts as speech, on calls that run no local VAD.
+    """
+
+    timeout_s: float = Field(..., ge=2, le=600, description="seconds of silence before the check-in")
+    action: Literal["prompt", "play"] = "prompt"
+    prompt_text: str = Field("Are you still there?", min_length=1, max_length=500)
+    wav: Path | None = Field(None, description="mono 16-bit WAV, for action: play")
+    hangup_after_s: float | None = Field(None, ge=1, le=600,
+                                         description="seconds of further silence after the check-in before hanging up")
+    energy_threshold_dbfs: float = Field(-40.0, ge=-80, le=-10)
+
+    @field_validator("wav")
+    @classmethod
+    def _playable(cls, v: Path | None) -> Path | None:
+        return v if v is None else _check_wav(v)
+
+    @model_validator(mode="after")
+    def _action_needs(self) -> SilenceConfig:
+        if self.action == "play" and self.wav is None:
+            raise ValueError("action 'play' needs 'wav' (a mono 16-bit WAV to play to the caller)")
+        return self
+
+
 class Profile(_Model):
     """An agent: who the AI is on this call and what it may do."""
 
@@ -199,6 +255,7 @@ class Profile(_Model):
     hooks: HooksConfig = Field(default_factory=HooksConfig, description="HTTP hooks at call start and end")
     record: bool = Field(False, description="record each call as a stereo WAV (caller left, AI right) in "
                                             "recordings.path")
+    silence: SilenceConfig | None = Field(None, description="the silence watchdog; unset = none")
 
     @field_validator("dtmf")
     @classmethod
@@ -714,6 +771,13 @@ class Config(_Model):
             if p.gateway is not None and p.gateway not in self.gateways:
                 known = ", ".join(self.gateways) or "none are configured"
                 raise ValueError(f"profiles.{pname}.gateway: no gateway named {p.gateway!r} in gateways ({known})")
+            if p.silence is not None and p.silence.action == "prompt":
+                protocol = self.gateways[p.gateway].protocol if p.gateway is not None else self.gateway.protocol
+                if protocol not in SAY_PROTOCOLS:
+                    where = f"gateway {p.gateway!r}" if p.gateway is not None else "the default gateway"
+                    raise ValueError(
+                        f"profiles.{pname}.silence.action: 'prompt' needs an AI backend that can speak on request "
+                        f"({', '.join(SAY_PROTOCOLS)}); {where} speaks {protocol}: use action 'play' with a wav")
         policy: EgressPolicy | None = None
         for pname, p in self.profiles.items():
             for hook in ("on_call_start", "on_call_end"):

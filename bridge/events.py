@@ -29,6 +29,15 @@ EVENT_TYPES = (
     "call.ended",
     "call.failed",
     "hook.completed",
+    # mid-call commands (bridge/session.py) and the silence watchdog
+    "call.context",
+    "call.say",
+    "call.tools",
+    "call.muted",
+    "call.unmuted",
+    "call.tagged",
+    "silence.detected",
+    "silence.hangup",
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 import wave
@@ -30,9 +31,13 @@ from tools.router import ToolOutcome, ToolRouter
 from .calls import CallSettings, EventPublisher
 from .config import Config, Fallback, Profile
 from .gateway.base import (
+    BRIDGE_COMMANDS,
+    COMMANDS,
     AudioOut,
     ClearPlayback,
     Closed,
+    CommandUnavailable,
+    CommandUnsupported,
     Gateway,
     GatewayError,
     RemoteError,
@@ -45,6 +50,7 @@ from .gateway.base import (
 from .leg import CallerLeg
 from .playout import PlayoutBuffer
 from .resample import Resampler
+from .silence import EnergyGate, SilenceWatchdog
 from .state import FINISHING, CallState, CallStateMachine, InvalidTransition
 
 log = logging.getLogger("voxbridge.call")
@@ -66,6 +72,8 @@ HANDOFF_GRACE_S = 2.0
 DOWNLINK_SLICE_S = 0.004
 #: Gateway error messages that mean "the call is over" rather than "the gateway failed".
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
+#: Most bytes of JSON the call's metadata may grow to through the API's ``tags`` command.
+MAX_TAGGED_METADATA_BYTES = 16 * 1024
 
 
 __all__ = ["CallServices", "CallSession", "CallSettings"]
@@ -213,6 +221,19 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.recorder: Any = None
         #: Where ``GET`` finds the recording (in ``call.ended`` and the call's info), once recording.
         self.recording_url: str | None = None
+        #: Mid-call ``mute``: the caller's audio goes to the AI as silence (see :meth:`mute`).
+        self.muted = False
+        self._silence_frame = b""
+        #: The tools this call may be given mid-call (the profile's offer when it started) and the
+        #: snapshot that describes them; set once the gateway is being connected.
+        self._offerable: list[str] = []
+        self._tool_snapshot: ToolRegistry | None = None
+        self._dtmf_tools: list[str] = []
+        #: The silence watchdog (profile ``silence``) and, without a local VAD, its energy gate.
+        self._silence: SilenceWatchdog | None = None
+        self._gate: EnergyGate | None = None
+        #: What the call's adapter can do mid-call, known as soon as it is built (before it connects).
+        self._gateway_capabilities: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"<CallSession {self.call_id} {self._fsm.state.name}>"
@@ -357,8 +378,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             caller_rate=self.caller_rate,
         )
         gateway = services.gateways(self)
+        self._gateway_capabilities = gateway.capabilities
         # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
         gateway.playout_position = lambda: self.playout.consumed_s
+        self._offerable, self._tool_snapshot = offered, tools
+        self._dtmf_tools = [a.tool for a in profile.dtmf.values()]
         self.router = ToolRouter(
             tools, self, gateway.send_tool_result,
             allowed=offered + [a.tool for a in profile.dtmf.values()],
@@ -393,6 +417,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             gateway.send_audio(self._up.process(pcm) if self._up is not None else pcm)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(profile.max_duration + MAX_DURATION_GRACE_S, self._max_duration)
+        if profile.silence is not None:
+            self._silence = SilenceWatchdog(profile.silence.timeout_s, profile.silence.hangup_after_s,
+                                            time.monotonic())
+            self._init_gate()
+            self.spawn(self._watch_silence(), "silence-watchdog")
         await self._downlink(gateway)
 
     def _start_recording(self) -> None:
@@ -442,12 +471,20 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             return
         rec = self.recorder
         if rec is not None:
-            rec.caller(pcm)
+            rec.caller(pcm)  # what the caller said, muted or not
+        muted = self.muted
+        if muted:  # the AI hears silence in its place (see mute), held audio included
+            pcm = self._silent(len(pcm))
         gw = self.gateway
         if gw is None:
             self._preconnect.append(pcm)  # resampled when the gateway is connected
             self._first_frame.set()
             return
+        if muted:
+            if self._silence is not None:
+                self._silence.caller_active(time.monotonic())  # the operator has the floor: no check-in
+        elif (gate := self._gate) is not None and (edge := gate.feed(pcm)) is not None:
+            self._caller_speech(edge == "start")
         vad = self._vad
         if vad is not None and (what := vad.feed_chunk(pcm)) is not None:
             self._on_local_speech(what)
@@ -483,9 +520,23 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             except Exception as exc:  # noqa: BLE001 - checked at start-up; if it fails anyway, talk on
                 self.log.error("local VAD unavailable, no barge-in on this call: %s", exc)
                 self._vad = None
+        self._init_gate()
+
+    def _init_gate(self) -> None:
+        """The silence watchdog hears the caller through the local VAD when the call runs one, else
+        through a cheap energy gate on the same frames."""
+        cfg = self.profile.silence
+        self._gate = None
+        if cfg is not None and self._silence is not None and self._vad is None:
+            self._gate = EnergyGate(cfg.energy_threshold_dbfs)
+
+    def _caller_speech(self, started: bool) -> None:
+        if self._silence is not None:
+            self._silence.caller_speech(time.monotonic(), started)
 
     def _on_local_speech(self, what: str) -> None:
         """The bridge's detector heard the caller start or stop speaking."""
+        self._caller_speech(what == "start")
         gw = self.gateway
         if what == "start":
             heard_s = self.playout.consumed_s  # before the clear counts the dropped audio as passed
@@ -549,6 +600,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
                 pcm = self._down.process(event.pcm) if self._down is not None else event.pcm
                 self.playout.push(pcm)
                 self._audio_arrived.set()
+                if self._silence is not None:  # the caller is listening until this has played
+                    self._silence.ai_speaking_until(time.monotonic() + self.playout.pending_ms / 1000)
             elif isinstance(event, ClearPlayback):
                 self._barge_in("gateway")
             elif isinstance(event, ToolCall):
@@ -786,7 +839,145 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             "media": {"frames_in": self.stats["frames_in"], "frames_out": self.stats["frames_out"],
                       "frames_out_dropped": self.stats["frames_out_dropped"],
                       "barge_ins": self.stats["barge_ins"], "playout_pending_ms": self.playout.pending_ms},
+            "capabilities": self.capabilities,
+            "muted": self.muted,
         }
+
+    # ------------------------------------------------------------------ mid-call commands
+    # Each is carried out by the call's own gateway adapter (context, say, tools: what its protocol
+    # can do, bridge/gateway/base.py) or by the session itself (mute, tag), and published as an
+    # event. CommandUnsupported: the protocol cannot; CommandUnavailable: not on this call now.
+
+    @property
+    def capabilities(self) -> list[str]:
+        """The mid-call commands this call supports (the API's ``capabilities``): the bridge's own,
+        and its AI backend's once the adapter is chosen (while it connects, those answer 409)."""
+        own = self._gateway_capabilities
+        return [c for c in COMMANDS if c in BRIDGE_COMMANDS or c in own]
+
+    def _live_gateway(self, command: str) -> Gateway:
+        gw = self.gateway
+        if self._fsm.state in FINISHING or self._fsm.state is CallState.DRAINING:
+            raise CommandUnavailable(f"call {self.call_id} is ending: '{command}' is no longer possible")
+        if gw is None:
+            raise CommandUnavailable(f"call {self.call_id} is still connecting to its AI backend: "
+                                     f"'{command}' is possible once it has answered")
+        if command not in gw.capabilities:
+            raise CommandUnsupported(gw.protocol_name, command)
+        return gw
+
+    def add_context(self, text: str, origin: str = "api") -> None:
+        """Add instructions or facts to the live conversation ("this caller is a VIP")."""
+        self._live_gateway("context").add_context(text)
+        self._publish("call.context", self.call_id, text=text, origin=origin)
+
+    def say(self, text: str, origin: str = "api") -> None:
+        """Make the AI say ``text`` now."""
+        self._live_gateway("say").say(text)
+        self._publish("call.say", self.call_id, text=text, origin=origin)
+
+    def set_tools(self, names: list[str], origin: str = "api") -> list[str]:
+        """Replace the tools the AI may call with ``names`` (a subset of what the profile offered
+        this call). Raises ValueError naming unknown tools. DTMF shortcuts keep their tools."""
+        gw = self._live_gateway("tools")
+        unknown = [n for n in names if n not in self._offerable]
+        if unknown:
+            offered = ", ".join(self._offerable) or "none"
+            raise ValueError(f"unknown tools for this call: {', '.join(unknown)} "
+                             f"(profile {self.profile_name} offers: {offered})")
+        chosen = list(dict.fromkeys(names))
+        assert self._tool_snapshot is not None and self.router is not None
+        gw.set_tools(self._tool_snapshot.specs(chosen))
+        self.router.set_allowed(chosen + self._dtmf_tools)
+        self._publish("call.tools", self.call_id, tools=chosen, origin=origin)
+        return chosen
+
+    def mute(self, origin: str = "api") -> bool:
+        """Stop sending the caller's audio to the AI: it gets silence instead, frame for frame.
+
+        Silence rather than nothing: every protocol here streams caller audio in real time and the
+        services detect turns on that stream (server VAD closes the caller's turn on silence; with
+        no audio a half-spoken utterance would hang open), aivoco sends ``has_audio`` per frame, and
+        a stall can look like a dead uplink. The local VAD hears the same silence, so a muted
+        caller does not barge in on the AI. Returns False if it already was muted."""
+        if self._fsm.state in FINISHING:
+            raise CommandUnavailable(f"call {self.call_id} is ending: 'mute' is no longer possible")
+        changed = not self.muted
+        self.muted = True
+        if changed:
+            self._publish("call.muted", self.call_id, origin=origin)
+        return changed
+
+    def unmute(self, origin: str = "api") -> bool:
+        """Resume sending the caller's audio to the AI. Returns False if it was not muted."""
+        if self._fsm.state in FINISHING:
+            raise CommandUnavailable(f"call {self.call_id} is ending: 'unmute' is no longer possible")
+        changed = self.muted
+        self.muted = False
+        if changed:
+            self._publish("call.unmuted", self.call_id, origin=origin)
+        return changed
+
+    def add_tags(self, tags: dict[str, str], origin: str = "api") -> dict[str, Any]:
+        """Merge ``tags`` into the call's metadata, which every later event of the call carries
+        (and the history keeps). Raises ValueError if the metadata would grow too large."""
+        if self._fsm.state in FINISHING:
+            raise CommandUnavailable(f"call {self.call_id} is ending: 'tag' is no longer possible")
+        merged = {**self.metadata, **tags}
+        size = len(json.dumps(merged, default=str))
+        if size > MAX_TAGGED_METADATA_BYTES:
+            raise ValueError(f"the call's metadata would be {size} bytes with these tags, over the limit of "
+                             f"{MAX_TAGGED_METADATA_BYTES}")
+        self.metadata = merged
+        self._publish("call.tagged", self.call_id, tags=dict(tags), origin=origin)
+        return dict(merged)
+
+    def _silent(self, nbytes: int) -> bytes:
+        if len(self._silence_frame) != nbytes:
+            self._silence_frame = bytes(nbytes)
+        return self._silence_frame
+
+    # ------------------------------------------------------------------ silence watchdog
+
+    async def _watch_silence(self) -> None:
+        """Check in with a silent caller, then end the call if they stay silent (profile ``silence``)."""
+        wd, cfg = self._silence, self.profile.silence
+        assert wd is not None and cfg is not None
+        while not wd.done:
+            await asyncio.sleep(wd.wait_s(time.monotonic()) + 0.02)
+            if self._fsm.state is not CallState.ACTIVE:
+                return
+            now = time.monotonic()
+            if not self.playout.empty:  # the AI is still being heard
+                wd.ai_speaking_until(now + self.playout.pending_ms / 1000)
+            silent = wd.silent_s(now)
+            decision = wd.poll(now)
+            if decision == "detected":
+                self._silence_check_in(silent)
+            elif decision == "hangup":
+                self.log.info("caller silent for %.1f s after the check-in: ending the call", silent)
+                self._publish("silence.hangup", self.call_id, silent_s=round(silent, 2))
+                self.end("silence-timeout", after_speech=True, tail=0)
+
+    def _silence_check_in(self, silent: float) -> None:
+        cfg = self.profile.silence
+        assert cfg is not None and self._silence is not None
+        self.log.info("caller silent for %.1f s: %s", silent, cfg.action)
+        self._publish("silence.detected", self.call_id, silent_s=round(silent, 2), action=cfg.action,
+                      hangup_after_s=cfg.hangup_after_s)
+        if cfg.action == "prompt":
+            try:
+                self._live_gateway("say").say(cfg.prompt_text)
+            except (CommandUnsupported, CommandUnavailable) as exc:  # config.py refuses this for real gateways
+                self.log.error("silence check-in not possible: %s", exc)
+            return
+        assert cfg.wav is not None
+        try:
+            self.playout.push(_load_wav(cfg.wav, self.caller_rate))
+        except (OSError, ValueError, wave.Error) as exc:
+            self.log.error("silence check-in %s cannot be played: %s", cfg.wav, exc)
+            return
+        self._silence.ai_speaking_until(time.monotonic() + self.playout.pending_ms / 1000)
 
     def _api_state(self) -> str:
         """The API's word for the state (connecting / active / ending / ended).

@@ -832,8 +832,11 @@ class CallStore:
         elif item.type == "call.ended":
             c.execute("UPDATE calls SET state = CASE WHEN state = 'failed' THEN 'failed' ELSE 'ended' END, "
                       "ended_at = ?, duration_s = ?, end_reason = COALESCE(?, end_reason), "
-                      "profile = COALESCE(?, profile) WHERE call_id = ?",
-                      (item.ts, _num(d.get("duration_s")), _str(d.get("reason")), profile, cid))
+                      "profile = COALESCE(?, profile), "
+                      # the final metadata: tags added mid-call (the API's tags command) are kept
+                      "metadata = CASE WHEN ? = '{}' THEN metadata ELSE ? END WHERE call_id = ?",
+                      (item.ts, _num(d.get("duration_s")), _str(d.get("reason")), profile, meta_json, meta_json,
+                       cid))
             self._reconcile_transcript(c, cid, d.get("transcript"))
 
     @staticmethod

@@ -200,6 +200,11 @@ class ToolRouter:
             budget = min(tool.timeout or self.deadline, self.deadline)
             self._tasks[call_id] = asyncio.create_task(self._run(outcome, tool, budget), name=f"tool-{name}-{call_id}")
 
+    def set_allowed(self, names: list[str]) -> None:
+        """Replace the tools the AI may call from now on (the API's mid-call ``tools`` command).
+        Calls already running finish; a later call of a removed tool is answered with an error."""
+        self._allowed = set(names)
+
     def run_local(self, name: str, args: dict[str, Any], origin: str = "dtmf") -> None:
         """Run a tool the bridge itself decided on (a DTMF shortcut): no result goes to the gateway."""
         self._local_seq += 1

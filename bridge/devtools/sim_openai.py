@@ -44,6 +44,13 @@ Client events (each validated; see :func:`validate_client_event`)
       ones are recorded in ``truncates`` and answered with ``conversation.item.truncated``).
     * ``conversation.item.delete`` / ``retrieve``, ``output_audio_buffer.clear``: accepted, logged.
 
+    Mid-call (what the bridge's ``context``/``say``/``tools`` commands send): a ``message`` item
+    of role ``system`` is recorded in ``system_messages`` (its ``input_text`` texts joined) — any
+    other content type in a system message is a violation; a ``session.update`` after the first one
+    that carries ``tools`` is recorded in ``tool_updates`` (the tool names, in order), and the
+    session's tools are replaced; a ``response.create`` with ``response.instructions`` is recorded
+    in ``instructed`` and spoken as described under Responses.
+
 Turn detection (``server_vad`` / ``semantic_vad``: the same energy VAD here)
     gateway_sim's frame VAD (sample-count timed: bursty clients get deterministic results) on the
     decoded caller audio: ``input_audio_buffer.speech_started`` (with ``interrupt_response``, an
@@ -327,6 +334,9 @@ class OpenAIRealtimeSimSession(SimSessionBase):
         self.config: dict[str, Any] | None = None  # the first session.update's ``session``
         self.errors_sent: list[dict[str, Any]] = []
         self.truncates: list[tuple[str, int]] = []
+        self.system_messages: list[str] = []
+        self.tool_updates: list[list[str]] = []
+        self.instructed: list[str] = []
         self.item_audio_ms: dict[str, int] = {}
         self.barge_ins = 0
         self.speaking_until = 0.0
@@ -500,6 +510,8 @@ class OpenAIRealtimeSimSession(SimSessionBase):
                 merged[key] = value
         self.session = merged
         self._vad = None  # rebuilt for the new settings at the next audio
+        if self.accepted and "tools" in update:
+            self.tool_updates.append([str(t.get("name")) for t in update["tools"] or []])
         if not self.accepted:
             self.config = update
             self.accepted = True
@@ -603,6 +615,8 @@ class OpenAIRealtimeSimSession(SimSessionBase):
                               "Wait until the response is finished before creating a new one.", about)
             return
         instructions = (msg.get("response") or {}).get("instructions")
+        if instructions:
+            self.instructed.append(instructions)
         self._spawn(self._answer(instructions), "response")
 
     async def _on_response_cancel(self, msg: dict[str, Any], about: Any) -> None:
@@ -624,6 +638,13 @@ class OpenAIRealtimeSimSession(SimSessionBase):
                 return
             self._answer_call(call_id, pending, item["output"])
             self._last_output = item["output"]
+        elif item.get("type") == "message" and item.get("role") == "system":
+            parts = item.get("content") or []
+            if not parts or any(p.get("type") != "input_text" for p in parts):
+                await self._error("invalid_value", "a system message's content must be input_text parts", about,
+                                  param="item.content")
+                return
+            self.system_messages.append("".join(str(p.get("text", "")) for p in parts))
         item.setdefault("id", self._id("item"))
         item.setdefault("object", "realtime.item")
         item.setdefault("status", "completed")

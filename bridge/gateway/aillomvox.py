@@ -119,6 +119,10 @@ class AillomVoxGateway(WebSocketGateway):
     """One AillomVox session over a WebSocket."""
 
     protocol_name = "aillomvox"
+    #: No mid-call commands of its own: the protocol (seed 000) has no client message but config,
+    #: tool_result and hangup:
+    #: nothing to add context, speak or change tools with once the session is configured.
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -323,6 +323,10 @@ class AivocoGateway(Gateway):
     """One aivoco speech-to-speech session (see the module doc)."""
 
     protocol_name = "aivoco"
+    #: No mid-call commands of its own: the protocol (seed 003) has no client event but start_call,
+    #: audio_data and stop_call:
+    #: the system message and functions are fixed at start_call.
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(
         self,

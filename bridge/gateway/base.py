@@ -96,6 +96,32 @@ class GatewayError(Exception):
     """The gateway could not be reached or refused the session."""
 
 
+#: Mid-call commands an adapter may support (declared in :attr:`Gateway.capabilities`):
+#: ``context`` — :meth:`Gateway.add_context`, instructions added to the live conversation;
+#: ``say`` — :meth:`Gateway.say`, the AI speaks a text now;
+#: ``tools`` — :meth:`Gateway.set_tools`, the tools the AI may call are replaced.
+GATEWAY_COMMANDS = frozenset({"context", "say", "tools"})
+#: Commands the session carries out itself, whatever the protocol: ``mute`` (the caller's audio is
+#: replaced by silence towards the AI) and ``tag`` (metadata on every later event of the call).
+BRIDGE_COMMANDS = frozenset({"mute", "tag"})
+#: Every mid-call command, in the order the API lists them.
+COMMANDS = ("context", "say", "tools", "mute", "tag")
+
+
+class CommandUnsupported(Exception):
+    """The gateway's protocol has no way to carry out a mid-call command (the API answers 409)."""
+
+    def __init__(self, protocol: str, command: str) -> None:
+        super().__init__(f"the {protocol} AI backend cannot do '{command}' mid-call "
+                         "(its protocol has no message for it)")
+        self.protocol = protocol
+        self.command = command
+
+
+class CommandUnavailable(Exception):
+    """A mid-call command this call cannot take now, whatever its protocol (still connecting, ending)."""
+
+
 class Gateway(abc.ABC):
     """One AI conversation. Created per call; never reused.
 
@@ -123,6 +149,26 @@ class Gateway(abc.ABC):
     #: :meth:`connect`; adapters that must tell the service where the caller interrupted
     #: (OpenAI Realtime's ``conversation.item.truncate``) read it.
     playout_position: Callable[[], float] | None = None
+    #: The name used in log lines and in the API's 409 for a command this protocol cannot do.
+    protocol_name: str = "gateway"
+    #: The mid-call commands of :data:`GATEWAY_COMMANDS` this protocol can carry out. A command not
+    #: in it is refused (:class:`CommandUnsupported`), never silently dropped.
+    capabilities: frozenset[str] = frozenset()
+
+    def add_context(self, text: str) -> None:
+        """Add instructions or facts to the live conversation (``"context"``), without a spoken
+        answer of their own: the AI takes them into account from its next turn. Queued, in order
+        with the call's other control messages; never blocks."""
+        raise CommandUnsupported(self.protocol_name, "context")
+
+    def say(self, text: str) -> None:
+        """Make the AI say ``text`` to the caller now (``"say"``), as its own words."""
+        raise CommandUnsupported(self.protocol_name, "say")
+
+    def set_tools(self, tools: list[dict[str, Any]]) -> None:
+        """Replace the tools the AI may call (``"tools"``): ``{"name", "description", "parameters"}``
+        each, as in :attr:`SessionSetup.tools`. An empty list leaves it none."""
+        raise CommandUnsupported(self.protocol_name, "tools")
 
     def caller_speech_started(self, heard_s: float) -> None:  # noqa: B027 - an optional hook
         """The bridge's own detector heard the caller start speaking. The session has cleared the

@@ -18,6 +18,10 @@ Client → server (JSON text frames)
     * ``audio.input`` ``{"audio": <base64>, "format": <audio_format>}``: one per 20 ms frame.
     * ``text.input`` ``{"text": <first message>}`` once the server is ready, before the caller's
       audio (the seed's "initial message").
+    * ``text.input`` ``{"text": …}`` again for the mid-call ``say`` command (:attr:`capabilities`):
+      the seed's only other client message, read by its servers as text to speak, like the first
+      message; held (bounded) until the server is ready. The seed has nothing for ``context``
+      (no system or instruction message) or ``tools`` (no session update): refused.
     * Hang-up: the seed defines no message; the adapter closes the WebSocket with 1000.
 
 Server → client: every variant the seed lists, each pair meaning the same thing:
@@ -64,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -272,6 +277,7 @@ class GenericWsGateway(WebSocketGateway):
     """One session with a seed-001 AI server over a WebSocket (see the module doc)."""
 
     protocol_name = "generic-ws"
+    capabilities = frozenset({"say"})
 
     def __init__(
         self,
@@ -312,6 +318,8 @@ class GenericWsGateway(WebSocketGateway):
         self._ready_timer: asyncio.TimerHandle | None = None
         self._first_message: str | None = None
         self._closing_ourselves = False
+        #: ``say`` texts from before the server was ready (sent after the first message).
+        self._held_says: collections.deque[str] = collections.deque(maxlen=8)
 
     def _configure(self, setup: SessionSetup) -> None:
         pass  # the wire rate is the configured one; the session resamples to and from the caller's
@@ -341,7 +349,15 @@ class GenericWsGateway(WebSocketGateway):
             return
         if self._first_message:
             self.send_soon(build_text_input(self._first_message))  # control: before the held audio
+        while self._held_says:
+            self.send_soon(build_text_input(self._held_says.popleft()))
         self.release_uplink()
+
+    def say(self, text: str) -> None:
+        if self._released:
+            self.send_soon(build_text_input(text))
+        else:
+            self._held_says.append(text)
 
     def _encode_audio(self, pcm: bytes) -> str:
         return build_audio_input(pcm, self.audio_format)

@@ -75,6 +75,16 @@ Transcripts, ends, errors
     formats differ from those asked for is also a RemoteError (audio would be misread); other
     differences are logged. ``rate_limits.updated`` is logged at debug level; unknown events too.
     Hang-up: close 1000 (the API has no hang-up message).
+
+Mid-call commands (:attr:`capabilities`: context, say, tools)
+    ``context`` → ``conversation.item.create`` with a ``system`` message item (``input_text``)
+    (:func:`build_context_item`): the model reads it from its next response on, and nothing is
+    spoken because of it. ``say`` → ``response.create`` whose ``response.instructions`` tell the
+    model to say the text (:func:`build_say`), as for the first message; while a response is in
+    progress (the API refuses a second one) the text waits and goes out when it is done, and a
+    ``response.create`` the service refuses as "already active" is queued again, text and all.
+    ``tools`` → ``session.update`` carrying only ``type``, ``tools`` and ``tool_choice``
+    (:func:`build_tools_update`): every other session setting stays as it is.
 """
 
 from __future__ import annotations
@@ -109,7 +119,10 @@ __all__ = [
     "DEFAULT_URL",
     "FATAL_ERROR_CODES",
     "OpenAIRealtimeGateway",
+    "build_context_item",
     "build_greeting",
+    "build_say",
+    "build_tools_update",
     "build_session_update",
     "parse_tool_arguments",
     "truncate_point",
@@ -131,6 +144,8 @@ _SENT_MEMORY = 256
 #: Assistant items whose audio position is remembered (only the latest matters for a truncate).
 _ITEM_MEMORY = 32
 _CALL_MEMORY = 256
+#: ``say`` texts waiting for the active response to finish (oldest dropped beyond this).
+_SAY_QUEUE = 8
 
 _APPEND_PREFIX = '{"type":"input_audio_buffer.append","audio":"'
 _APPEND_SUFFIX = '"}'
@@ -191,11 +206,7 @@ def build_session_update(setup: SessionSetup, *, vad: Any = None,
         "audio": {"input": audio_in, "output": audio_out},
     }
     if setup.tools:
-        session["tools"] = [
-            {"type": "function", "name": t["name"], "description": t.get("description", ""),
-             "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
-            for t in setup.tools
-        ]
+        session["tools"] = _function_tools(setup.tools)
         session["tool_choice"] = "auto"
     msg: dict[str, Any] = {"type": "session.update", "session": session}
     if event_id is not None:
@@ -210,6 +221,43 @@ def build_greeting(first_message: str, event_id: str | None = None) -> dict[str,
         "response": {"instructions": "Start the call by saying exactly this to the caller, "
                                      f"and nothing else: {first_message}"},
     }
+    if event_id is not None:
+        msg["event_id"] = event_id
+    return msg
+
+
+def build_say(text: str, event_id: str | None = None) -> dict[str, Any]:
+    """The ``response.create`` that makes the model say ``text`` now (the ``say`` command)."""
+    msg: dict[str, Any] = {
+        "type": "response.create",
+        "response": {"instructions": f"Say exactly this to the caller, and nothing else: {text}"},
+    }
+    if event_id is not None:
+        msg["event_id"] = event_id
+    return msg
+
+
+def build_context_item(text: str, event_id: str | None = None) -> dict[str, Any]:
+    """The ``conversation.item.create`` adding ``text`` as a system message (the ``context`` command)."""
+    msg: dict[str, Any] = {"type": "conversation.item.create",
+                           "item": {"type": "message", "role": "system",
+                                    "content": [{"type": "input_text", "text": text}]}}
+    if event_id is not None:
+        msg["event_id"] = event_id
+    return msg
+
+
+def _function_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "function", "name": t["name"], "description": t.get("description", ""),
+             "parameters": t.get("parameters") or {"type": "object", "properties": {}}} for t in tools]
+
+
+def build_tools_update(tools: list[dict[str, Any]], event_id: str | None = None) -> dict[str, Any]:
+    """The ``session.update`` replacing the session's tools (the ``tools`` command); nothing else in
+    the session changes. ``tool_choice: none`` when no tool is left."""
+    msg: dict[str, Any] = {"type": "session.update",
+                           "session": {"type": "realtime", "tools": _function_tools(tools),
+                                       "tool_choice": "auto" if tools else "none"}}
     if event_id is not None:
         msg["event_id"] = event_id
     return msg
@@ -278,6 +326,7 @@ class OpenAIRealtimeGateway(WebSocketGateway):
     """One OpenAI Realtime session (GA) over a WebSocket."""
 
     protocol_name = "openai-realtime"
+    capabilities = frozenset({"context", "say", "tools"})
 
     def __init__(
         self,
@@ -318,6 +367,8 @@ class OpenAIRealtimeGateway(WebSocketGateway):
         self._response_active = False
         self._want_response = False
         self._no_clock_logged = False
+        self._says: collections.deque[str] = collections.deque(maxlen=_SAY_QUEUE)  # waiting for the floor
+        self._say_sent: collections.OrderedDict[str, str] = collections.OrderedDict()  # event_id -> text
 
     # ------------------------------------------------------------------ set-up
 
@@ -414,6 +465,31 @@ class OpenAIRealtimeGateway(WebSocketGateway):
             self._want_response = True  # asked for when the current response is done
         else:
             self._send_event({"type": "response.create"})
+
+    # ------------------------------------------------------------------ mid-call commands
+
+    def add_context(self, text: str) -> None:
+        self._send_event(build_context_item(text))
+
+    def say(self, text: str) -> None:
+        self._says.append(text)
+        if not self._response_active:
+            self._next_say()
+
+    def _next_say(self) -> bool:
+        """Send the oldest waiting ``say`` (when no response is active); True if one went out."""
+        if not self._says:
+            return False
+        text = self._says.popleft()
+        msg = build_say(text)
+        self._send_event(msg)
+        self._say_sent[msg["event_id"]] = text
+        while len(self._say_sent) > _SAY_QUEUE:
+            self._say_sent.popitem(last=False)
+        return True
+
+    def set_tools(self, tools: list[dict[str, Any]]) -> None:
+        self._send_event(build_tools_update(tools))
 
     async def hangup(self) -> None:
         # The API has no hang-up message: closing the WebSocket (1000) ends the session.
@@ -567,6 +643,8 @@ class OpenAIRealtimeGateway(WebSocketGateway):
                 error = _obj(details.get("error"))
                 self._log.warning("openai-realtime response %s %s: reason=%s error=%s %s", response.get("id"),
                                   status, details.get("reason"), error.get("code"), error.get("message") or "")
+        if self._next_say():
+            return  # a tool result's answer (if wanted) follows this one
         if self._want_response and not self._calls_open:
             self._want_response = False
             self._send_event({"type": "response.create"})
@@ -584,7 +662,12 @@ class OpenAIRealtimeGateway(WebSocketGateway):
         elif code in FATAL_ERROR_CODES:
             yield RemoteError(f"openai-realtime: {code}: {message}")
         elif about_type == "response.create" and code == "conversation_already_has_active_response":
-            self._want_response = True  # ask again when the active one is done
+            text = self._say_sent.pop(about, None) if isinstance(about, str) else None
+            if text is not None:
+                self._says.appendleft(text)  # said when the active response is done
+                self._response_active = True
+            else:
+                self._want_response = True  # ask again when the active one is done
 
     def _on_session_updated(self, msg: Mapping[str, Any]) -> Iterator[GatewayEvent]:
         session = msg.get("session")

@@ -188,3 +188,77 @@ describe('Profile: Get Many', () => {
 		expect(req.postReceive).toEqual([{ type: 'rootProperty', properties: { property: 'profiles' } }]);
 	});
 });
+
+describe('Call: mid-call control', () => {
+	const id = '3f1c0a52-8d7e-4b7e-9a51-0f6a2c7d9e10';
+	const call = (operation: string, params: Record<string, unknown> = {}) =>
+		buildRequest(description, { resource: 'call', operation, callId: id, ...params });
+
+	it('offers every mid-call command as an operation with an action', () => {
+		const operation = description.properties.find((p) => p.name === 'operation');
+		const values = (operation?.options ?? []).map((o) => (o as { value: string }).value);
+		for (const op of ['addContext', 'say', 'setTools', 'mute', 'unmute', 'tag']) {
+			expect(values).toContain(op);
+		}
+		const callId = description.properties.find((p) => p.name === 'callId');
+		expect(callId?.displayOptions?.show?.operation).toEqual(
+			expect.arrayContaining(['addContext', 'say', 'setTools', 'mute', 'unmute', 'tag']),
+		);
+	});
+
+	it('Add Context: POST /calls/{id}/context with the text', () => {
+		const req = call('addContext', { text: 'This caller is a VIP.\nOffer the priority line.' });
+		expect(req.method).toBe('POST');
+		expect(req.url).toBe(`/calls/${id}/context`);
+		expect(req.body).toEqual({ text: 'This caller is a VIP.\nOffer the priority line.' });
+	});
+
+	it('Say: POST /calls/{id}/say with the text, and nothing else', () => {
+		const req = call('say', { text: 'Your order has shipped.' });
+		expect(req.method).toBe('POST');
+		expect(req.url).toBe(`/calls/${id}/say`);
+		expect(req.body).toEqual({ text: 'Your order has shipped.' });
+	});
+
+	it('Set Tools: PUT /calls/{id}/tools with the names as a list, blanks dropped', () => {
+		const req = call('setTools', { tools: ' lookup_order, end_call ,, ' });
+		expect(req.method).toBe('PUT');
+		expect(req.url).toBe(`/calls/${id}/tools`);
+		expect(req.body).toEqual({ tools: ['lookup_order', 'end_call'] });
+		expect(call('setTools', { tools: '' }).body).toEqual({ tools: [] }); // no tools at all
+		expect(call('setTools', { tools: ['a', ' b '] }).body).toEqual({ tools: ['a', 'b'] }); // from an expression
+	});
+
+	it('Mute / Unmute Caller: POST with no body', () => {
+		for (const [op, path] of [
+			['mute', 'mute'],
+			['unmute', 'unmute'],
+		]) {
+			const req = call(op);
+			expect(req.method).toBe('POST');
+			expect(req.url).toBe(`/calls/${id}/${path}`);
+			expect(req.body).toEqual({});
+		}
+	});
+
+	it('Tag: POST /calls/{id}/tags with the tags as an object, unnamed ones dropped', () => {
+		const req = call('tag', {
+			tags: {
+				tag: [
+					{ name: 'tier', value: 'gold' },
+					{ name: 'ticket', value: 42 },
+					{ name: '', value: 'no name' },
+				],
+			},
+		});
+		expect(req.method).toBe('POST');
+		expect(req.url).toBe(`/calls/${id}/tags`);
+		expect(req.body).toEqual({ tags: { tier: 'gold', ticket: '42' } });
+	});
+
+	it('escapes the call id in every command path', () => {
+		expect(buildRequest(description, { resource: 'call', operation: 'say', callId: 'a/../b', text: 'x' }).url).toBe(
+			'/calls/a%2F..%2Fb/say',
+		);
+	});
+});

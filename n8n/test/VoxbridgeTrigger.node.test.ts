@@ -1,5 +1,6 @@
 import { createHmac } from 'crypto';
 import type { IDataObject, IHookFunctions, IHttpRequestOptions, IWebhookFunctions } from 'n8n-workflow';
+import { SEEN_EVENT_IDS, firstDelivery, forgetDeliveries } from '../nodes/VoxbridgeTrigger/dedupe';
 import { VoxbridgeTrigger } from '../nodes/VoxbridgeTrigger/VoxbridgeTrigger.node';
 
 const WEBHOOK_URL = 'http://127.0.0.1:5678/webhook/0d9f6a8e-1c1b-4a57-9a3c-0c2f4b1d7e21/webhook';
@@ -98,6 +99,14 @@ describe('Voxbridge Trigger description', () => {
 				'tool.called',
 				'tool.completed',
 				'transcript',
+				'call.context',
+				'call.say',
+				'call.tools',
+				'call.muted',
+				'call.unmuted',
+				'call.tagged',
+				'silence.detected',
+				'silence.hangup',
 			].sort(),
 		);
 	});
@@ -228,6 +237,7 @@ describe('Voxbridge Trigger webhook', () => {
 		events?: string[];
 		options?: IDataObject;
 		staticData?: IDataObject;
+		workflowId?: string;
 	}) {
 		const res = { status: jest.fn().mockReturnThis(), json: jest.fn().mockReturnThis() };
 		const ctx = {
@@ -235,6 +245,8 @@ describe('Voxbridge Trigger webhook', () => {
 			getHeaderData: jest.fn(() => opts.headers),
 			getResponseObject: jest.fn(() => res),
 			getWorkflowStaticData: jest.fn(() => opts.staticData ?? { webhookId: 'wh_1', secret }),
+			getWorkflow: jest.fn(() => ({ id: opts.workflowId ?? `wf_${++workflows}`, name: 'w', active: true })),
+			getNode: jest.fn(() => ({ name: 'Voxbridge Trigger', type: 'n8n-nodes-voxbridge.voxbridgeTrigger' })),
 			getNodeParameter: jest.fn((name: string, fallback?: unknown) => {
 				if (name === 'events') return opts.events ?? ['call.ended'];
 				if (name === 'options') return opts.options ?? {};
@@ -247,8 +259,60 @@ describe('Voxbridge Trigger webhook', () => {
 		return { ctx, res };
 	}
 
+	let workflows = 0; // a workflow of its own per context unless a test says otherwise
 	const nowTs = () => String(Math.floor(Date.now() / 1000));
 	const trigger = new VoxbridgeTrigger();
+
+	function signed(body: string): IDataObject {
+		const ts = nowTs();
+		return { 'x-voxbridge-timestamp': ts, 'x-voxbridge-signature': sign(secret, ts, body) };
+	}
+
+	it('starts the workflow once per event id: a redelivery is acknowledged and starts nothing', async () => {
+		const staticData: IDataObject = { webhookId: 'wh_1', secret };
+		const first = webhookContext({ body: raw, headers: signed(raw), staticData, workflowId: 'wf_dup' });
+		expect((await trigger.webhook.call(first.ctx)).workflowData).toEqual([[{ json: event }]]);
+		expect(staticData.seenEventIds).toEqual(['ev_1']);
+		const again = webhookContext({ body: raw, headers: signed(raw), staticData, workflowId: 'wf_dup' });
+		const out = await trigger.webhook.call(again.ctx);
+		expect(out).toEqual({ webhookResponse: { status: 'duplicate', id: 'ev_1' } });
+		expect(again.res.status).not.toHaveBeenCalled(); // 200: the bridge stops retrying
+		// Another event of the same call is new.
+		const other = JSON.stringify({ ...event, id: 'ev_2' });
+		const next = webhookContext({ body: other, headers: signed(other), staticData, workflowId: 'wf_dup' });
+		expect((await trigger.webhook.call(next.ctx)).workflowData).toHaveLength(1);
+		expect(staticData.seenEventIds).toEqual(['ev_1', 'ev_2']);
+	});
+
+	it('recognises a redelivery after n8n restarted (static data) and one racing the first (process memory)', async () => {
+		// After a restart: only the saved static data knows the id.
+		forgetDeliveries();
+		const saved: IDataObject = { webhookId: 'wh_1', secret, seenEventIds: ['ev_1'] };
+		const afterRestart = webhookContext({ body: raw, headers: signed(raw), staticData: saved, workflowId: 'wf_r' });
+		expect((await trigger.webhook.call(afterRestart.ctx)).workflowData).toBeUndefined();
+		// Concurrent: n8n gave each request its own copy of the static data, not yet saved.
+		const a = webhookContext({ body: raw, headers: signed(raw), staticData: { webhookId: 'wh_1', secret }, workflowId: 'wf_c' });
+		const b = webhookContext({ body: raw, headers: signed(raw), staticData: { webhookId: 'wh_1', secret }, workflowId: 'wf_c' });
+		const outs = await Promise.all([trigger.webhook.call(a.ctx), trigger.webhook.call(b.ctx)]);
+		expect(outs.filter((o) => o.workflowData !== undefined)).toHaveLength(1);
+		// Different workflows listening to the same bridge each get the event.
+		const elsewhere = webhookContext({ body: raw, headers: signed(raw), staticData: { webhookId: 'wh_9', secret }, workflowId: 'wf_other' });
+		expect((await trigger.webhook.call(elsewhere.ctx)).workflowData).toHaveLength(1);
+	});
+
+	it('does not remember a delivery it refused (bad signature), so the genuine one still starts', async () => {
+		const staticData: IDataObject = { webhookId: 'wh_1', secret };
+		const forged = webhookContext({
+			body: raw,
+			headers: { 'x-voxbridge-timestamp': nowTs(), 'x-voxbridge-signature': 'sha256=' + '0'.repeat(64) },
+			staticData,
+			workflowId: 'wf_forged',
+		});
+		expect(await trigger.webhook.call(forged.ctx)).toEqual({ noWebhookResponse: true });
+		expect(staticData.seenEventIds).toBeUndefined();
+		const genuine = webhookContext({ body: raw, headers: signed(raw), staticData, workflowId: 'wf_forged' });
+		expect((await trigger.webhook.call(genuine.ctx)).workflowData).toHaveLength(1);
+	});
 
 	it('emits the event JSON for a valid signature', async () => {
 		const ts = nowTs();
@@ -309,5 +373,27 @@ describe('Voxbridge Trigger webhook', () => {
 		});
 		const out = await trigger.webhook.call(ctx);
 		expect(out.workflowData).toBeUndefined();
+	});
+});
+
+describe('Delivery memory', () => {
+	it('is bounded: the least recently seen ids are forgotten first', () => {
+		const stored: { seenEventIds?: string[] } = {};
+		for (let i = 0; i < 10; i++) expect(firstDelivery(stored, 'k1', `e${i}`, 4)).toBe(true);
+		expect(stored.seenEventIds).toEqual(['e6', 'e7', 'e8', 'e9']);
+		expect(firstDelivery(stored, 'k1', 'e7', 4)).toBe(false); // seen again: now the most recent
+		expect(stored.seenEventIds).toEqual(['e6', 'e8', 'e9', 'e7']);
+		forgetDeliveries('k1');
+		expect(firstDelivery(stored, 'k1', 'e0', 4)).toBe(true); // forgotten everywhere
+		expect(stored.seenEventIds).toEqual(['e8', 'e9', 'e7', 'e0']);
+	});
+
+	it('keeps a few hundred ids by default', () => {
+		const stored: { seenEventIds?: string[] } = {};
+		for (let i = 0; i < SEEN_EVENT_IDS + 50; i++) firstDelivery(stored, 'k2', `id${i}`);
+		expect(stored.seenEventIds).toHaveLength(SEEN_EVENT_IDS);
+		expect(firstDelivery(stored, 'k2', `id${SEEN_EVENT_IDS + 49}`)).toBe(false);
+		forgetDeliveries('k2');
+		expect(firstDelivery(stored, 'k2', 'id0')).toBe(true);
 	});
 });

@@ -12,6 +12,7 @@ import {
 	type IWebhookResponseData,
 	type JsonObject,
 } from 'n8n-workflow';
+import { firstDelivery, forgetDeliveries } from './dedupe';
 import { VOXBRIDGE_EVENTS } from './events';
 import { verifySignature } from './signature';
 
@@ -25,6 +26,12 @@ interface NodeStaticData extends IDataObject {
 	webhookId?: string;
 	secret?: string;
 	events?: string[];
+	/** Ids of the events already delivered, oldest first (bounded: see dedupe.ts). */
+	seenEventIds?: string[];
+}
+
+function nodeKey(fn: IHookFunctions | IWebhookFunctions): string {
+	return `${fn.getWorkflow().id ?? ''}:${fn.getNode().name}`;
 }
 
 function httpStatus(error: unknown): number | undefined {
@@ -81,7 +88,7 @@ export class VoxbridgeTrigger implements INodeType {
 		version: 1,
 		subtitle: '={{($parameter["events"] || []).join(", ")}}',
 		description:
-			'Starts the workflow on voxbridge call events: call started, answered, ended (with transcript) or failed, transcripts, tool calls, DTMF',
+			'Starts the workflow on voxbridge call events: call started, answered, ended (with transcript) or failed, transcripts, tool calls, DTMF, mid-call commands, silence. Each event starts it once, even when the bridge delivers it again.',
 		defaults: {
 			name: 'Voxbridge Trigger',
 		},
@@ -211,6 +218,8 @@ export class VoxbridgeTrigger implements INodeType {
 				delete staticData.webhookId;
 				delete staticData.secret;
 				delete staticData.events;
+				delete staticData.seenEventIds;
+				forgetDeliveries(nodeKey(this));
 				return true;
 			},
 		},
@@ -256,6 +265,11 @@ export class VoxbridgeTrigger implements INodeType {
 		if (events.length > 0 && !events.includes(String(event.type))) {
 			// Signed, but not an event this trigger listens to: acknowledge, start nothing.
 			return { webhookResponse: { status: 'ignored' } };
+		}
+		// At-least-once delivery: a retry of an event already started is acknowledged (so the
+		// bridge stops retrying) and starts nothing.
+		if (typeof event.id === 'string' && event.id !== '' && !firstDelivery(staticData, nodeKey(this), event.id)) {
+			return { webhookResponse: { status: 'duplicate', id: event.id } };
 		}
 		return {
 			workflowData: [this.helpers.returnJsonArray(event)],

@@ -12,7 +12,18 @@ export const callIdDescription: INodeProperties[] = [
 		displayOptions: {
 			show: {
 				resource: ['call'],
-				operation: ['get', 'hangUp', 'transfer', 'sendDtmf'],
+				operation: [
+					'get',
+					'hangUp',
+					'transfer',
+					'sendDtmf',
+					'addContext',
+					'say',
+					'setTools',
+					'mute',
+					'unmute',
+					'tag',
+				],
 			},
 		},
 	},

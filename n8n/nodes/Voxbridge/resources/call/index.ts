@@ -4,6 +4,7 @@ import { callIdDescription } from './callId';
 import { callGetManyDescription } from './getAll';
 import { callTransferDescription } from './transfer';
 import { callSendDtmfDescription } from './sendDtmf';
+import { callMidCallDescription } from './midcall';
 
 const showOnlyForCalls = {
 	resource: ['call'],
@@ -19,6 +20,18 @@ export const callDescription: INodeProperties[] = [
 			show: showOnlyForCalls,
 		},
 		options: [
+			{
+				name: 'Add Context',
+				value: 'addContext',
+				action: 'Add context to a live call',
+				description: 'Add instructions or facts to the live AI conversation',
+				routing: {
+					request: {
+						method: 'POST',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/context',
+					},
+				},
+			},
 			{
 				name: 'Get',
 				value: 'get',
@@ -66,6 +79,30 @@ export const callDescription: INodeProperties[] = [
 				},
 			},
 			{
+				name: 'Mute Caller',
+				value: 'mute',
+				action: 'Mute the caller towards the AI',
+				description: 'Stop sending the caller audio to the AI (it hears silence) until unmuted',
+				routing: {
+					request: {
+						method: 'POST',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/mute',
+					},
+				},
+			},
+			{
+				name: 'Say',
+				value: 'say',
+				action: 'Make the AI say something',
+				description: 'Make the AI say a text now',
+				routing: {
+					request: {
+						method: 'POST',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/say',
+					},
+				},
+			},
+			{
 				name: 'Send DTMF',
 				value: 'sendDtmf',
 				action: 'Send DTMF digits on a call',
@@ -74,6 +111,18 @@ export const callDescription: INodeProperties[] = [
 					request: {
 						method: 'POST',
 						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/dtmf',
+					},
+				},
+			},
+			{
+				name: 'Set Tools',
+				value: 'setTools',
+				action: 'Set the tools of a live call',
+				description: 'Change the tools the AI may call',
+				routing: {
+					request: {
+						method: 'PUT',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/tools',
 					},
 				},
 			},
@@ -91,6 +140,18 @@ export const callDescription: INodeProperties[] = [
 				},
 			},
 			{
+				name: 'Tag',
+				value: 'tag',
+				action: 'Tag a call',
+				description: 'Add metadata to a call: every later event carries it',
+				routing: {
+					request: {
+						method: 'POST',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/tags',
+					},
+				},
+			},
+			{
 				name: 'Transfer',
 				value: 'transfer',
 				action: 'Transfer a call',
@@ -102,6 +163,18 @@ export const callDescription: INodeProperties[] = [
 					},
 				},
 			},
+			{
+				name: 'Unmute Caller',
+				value: 'unmute',
+				action: 'Unmute the caller towards the AI',
+				description: 'Resume sending the caller audio to the AI',
+				routing: {
+					request: {
+						method: 'POST',
+						url: '=/calls/{{encodeURIComponent($parameter.callId)}}/unmute',
+					},
+				},
+			},
 		],
 		default: 'start',
 	},
@@ -110,4 +183,5 @@ export const callDescription: INodeProperties[] = [
 	...callGetManyDescription,
 	...callTransferDescription,
 	...callSendDtmfDescription,
+	...callMidCallDescription,
 ];
