@@ -349,3 +349,48 @@ def test_aivoco_refuses_settings_it_would_silently_ignore(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(f, env={})
     assert "vad.mode server: the aivoco API has no barge-in event" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------- ARI
+
+
+def test_ingress_ari_is_configured_and_its_mistakes_are_named(tmp_path):
+    cfg = load_config(None, env={"VOXBRIDGE_INGRESS": '["audiosocket", "ari"]', "VOXBRIDGE_ARI_PASSWORD": "pw-1",
+                                 "VOXBRIDGE_ARI__URL": "http://10.0.0.5:8088/ari/"})
+    assert cfg.ingress == ["audiosocket", "ari"] and cfg.ari.url == "http://10.0.0.5:8088"
+    assert cfg.ari.password.get_secret_value() == "pw-1" and cfg.ari.rtp.port_range == (40000, 40999)
+    assert load_config(write(tmp_path, "ingress: ari\nari: {password: x}\ngateway: {demo: true}\n"),
+                       env={}).ingress == ["ari"]  # one word is a list of one
+    path = write(tmp_path, """
+ingress: [ari, sip]
+ari: {url: "ws://pbx:8088", format: opus, rtp: {ports: "40999-40000", jitter_packets: 99}, app: "my app"}
+gateway: {demo: true}
+""")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    text = str(err.value)
+    assert "ingress.1: Input should be 'audiosocket' or 'ari'" in text
+    assert "ari.url: Value error, must be an http(s) URL such as http://127.0.0.1:8088, got 'ws://pbx:8088'" in text
+    assert "ari.format: Input should be 'ulaw' or 'slin16'" in text
+    assert "ari.rtp.ports: Value error, must be FIRST-LAST within 1024-65535 with FIRST <= LAST" in text
+    assert "ari.rtp.jitter_packets: Input should be less than or equal to 50" in text
+    assert "ari.app: String should match pattern" in text
+    with pytest.raises(ConfigError, match=r"ari.password: required with ingress ari \(or set VOXBRIDGE_ARI_PASSWORD\)"):
+        load_config(write(tmp_path, "ingress: ari\ngateway: {demo: true}\n"), env={})
+    with pytest.raises(ConfigError, match="ingress: Value error, names no way in"):
+        load_config(write(tmp_path, "ingress: []\ngateway: {demo: true}\n"), env={})
+
+
+def test_an_ari_password_in_an_error_is_never_shown():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"VOXBRIDGE_ARI_PASSWORD": "pw-secret-1", "VOXBRIDGE_ARI__PASSWORD": "pw-secret-2"})
+    assert "ari.password: set by both" in str(err.value) and "pw-secret" not in str(err.value)
+
+
+def test_telephony_tools_need_ami_only_for_audiosocket_calls(caplog):
+    base = {"gateway": {"demo": True}, "allow": {"transfer": ["ops,100"]},
+            "profiles": {"default": {"tools": ["transfer", "hangup"]}}}
+    ari_only = Config.model_validate({**base, "ingress": "ari", "ari": {"password": "x"}})
+    assert not [w for w in ari_only.problems({"transfer", "hangup"})[1] if "need AMI" in w]
+    both = Config.model_validate({**base, "ingress": ["audiosocket", "ari"], "ari": {"password": "x"}})
+    assert [w for w in both.problems({"transfer", "hangup"})[1] if "need AMI for calls over AudioSocket" in w]
