@@ -7,13 +7,16 @@ within a second of its ``call.started``, its transcript as it grows, the tool ca
 outcome; then "Hang up" in the console ends the call, and the call's page in the history plays
 its recording (the ``<audio>`` element's duration, measured by the browser, is the call's).
 
-Screenshots go to docs/console/ (README, "Operator console"), refreshed by every run.
+Screenshots go to the test's temporary directory; with VOXBRIDGE_SCREENSHOTS=1 they refresh
+docs/console/ (README, "Operator console") instead — a deliberate act, so a test run never leaves
+the tree changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +40,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 
 API_KEY = "console-test-key"
 TOKEN = "console-token-0123456789"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 
 
 class LookupOrder(Tool):
@@ -87,6 +90,7 @@ async def browser():
 
 
 async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(browser, tmp_path):
+    shots = DOCS_SCREENSHOTS if os.environ.get("VOXBRIDGE_SCREENSHOTS") else tmp_path
     sim = GatewaySim(accepted_keys={API_KEY})
     await sim.start()
     port = free_port()
@@ -101,7 +105,7 @@ async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(b
     await bridge.start()
     events = bridge.events.subscribe()
     caller = AudioSocketCaller()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
     try:
         drv = browser
         base = f"http://127.0.0.1:{port}"
@@ -137,7 +141,7 @@ async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(b
         caller.say(tone(440, 1500))
         await _until(lambda: find(row + " td.state")[0].text == "active", 5,
                      "the call answered")
-        await asyncio.to_thread(drv.save_screenshot, str(SCREENSHOTS / "live-calls.png"))
+        await asyncio.to_thread(drv.save_screenshot, str(shots / "live-calls.png"))
 
         # One call, live: the transcript grows as it is spoken, within a second of each event.
         await _until(lambda: find(row)[0].click() or True, 5, "a click on the live call")
@@ -159,7 +163,7 @@ async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(b
         assert "lookup_order" in tool_text and "4711" in tool_text and "ok" in tool_text
         await gw.transcript("assistant", "Order 4711 has shipped.")
         await _until(lambda: len(find("#transcript li")) == 3, 5, "transcript line 3")
-        await asyncio.to_thread(drv.save_screenshot, str(SCREENSHOTS / "call-live.png"))
+        await asyncio.to_thread(drv.save_screenshot, str(shots / "call-live.png"))
 
         # "Hang up" in the console ends the call (the caller's leg gets the hangup).
         await asyncio.to_thread(lambda: find("#act-hangup")[0].click())
@@ -176,14 +180,14 @@ async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(b
             "const a = document.querySelector('#recording'); return a.readyState >= 1 ? a.duration : 0"),
             10, "the recording's duration")
         assert abs(duration - ended.data["duration_s"]) <= 0.02 + 1e-3, (duration, ended.data["duration_s"])
-        await asyncio.to_thread(drv.save_screenshot, str(SCREENSHOTS / "call-ended.png"))
+        await asyncio.to_thread(drv.save_screenshot, str(shots / "call-ended.png"))
 
         # History: the call is listed with its recording; a filter that excludes it hides it.
         await asyncio.to_thread(drv.get, base + "/console#/history")
         hist = f'#history tr[data-call-id="{call_id}"]'
         await _until(lambda: find(hist), 5, "the call in the history")
         assert find(hist + " td.end-reason")[0].text == "api-hangup"
-        await asyncio.to_thread(drv.save_screenshot, str(SCREENSHOTS / "history.png"))
+        await asyncio.to_thread(drv.save_screenshot, str(shots / "history.png"))
 
         def filter_profile(name: str) -> None:
             box = find('#history-filter input[name="profile"]')[0]
