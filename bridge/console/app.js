@@ -15,7 +15,7 @@ const COMMANDS = [
   {cap: "context", label: "Add context", method: "POST", path: "context", field: "text", placeholder: "e.g. this caller is a VIP"},
   {cap: "say", label: "Say now", method: "POST", path: "say", field: "text", placeholder: "what the AI says"},
   {cap: "tools", label: "Set tools", method: "PUT", path: "tools", field: "tools", placeholder: "tool names, comma-separated"},
-  {cap: "tags", label: "Tag", method: "POST", path: "tags", field: "tags", placeholder: "key=value, key2=value2"},
+  {cap: "tag", label: "Tag", method: "POST", path: "tags", field: "tags", placeholder: "key=value, key2=value2"},
   {cap: "mute", label: "Mute caller", method: "POST", path: "mute"},
   {cap: "mute", label: "Unmute caller", method: "POST", path: "unmute"},
 ];

@@ -163,6 +163,26 @@ async def test_console_follows_a_call_live_hangs_it_up_and_plays_its_recording(b
         assert "lookup_order" in tool_text and "4711" in tool_text and "ok" in tool_text
         await gw.transcript("assistant", "Order 4711 has shipped.")
         await _until(lambda: len(find("#transcript li")) == 3, 5, "transcript line 3")
+
+        # Mid-call commands the call's backend supports are offered (AillomVox: the bridge's own
+        # mute and tag), those it does not are not, and each one from the console reaches the call.
+        await _until(lambda: find("#commands .cmd-mute"), 5, "the mute button")
+        assert find("#commands .cmd-tags") and not find("#commands .cmd-say") and not find("#commands .cmd-context")
+
+        def tag(text: str) -> None:
+            box = find("#commands .cmd-tags input")[0]
+            box.send_keys(text)
+            find("#commands .cmd-tags button")[0].click()
+
+        await asyncio.to_thread(tag, "tier=vip")
+        tagged = await _next(events, "call.tagged")
+        assert tagged.data["tags"] == {"tier": "vip"}
+        await asyncio.to_thread(lambda: find("#commands .cmd-mute")[0].click())
+        await _next(events, "call.muted")
+        assert bridge.sessions[call_id].muted
+        await asyncio.to_thread(lambda: find("#commands .cmd-unmute")[0].click())
+        await _next(events, "call.unmuted")
+        assert not bridge.sessions[call_id].muted
         await asyncio.to_thread(drv.save_screenshot, str(shots / "call-live.png"))
 
         # "Hang up" in the console ends the call (the caller's leg gets the hangup).
