@@ -838,7 +838,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             # Media health: frames each way, what could not be sent, the playout queue.
             "media": {"frames_in": self.stats["frames_in"], "frames_out": self.stats["frames_out"],
                       "frames_out_dropped": self.stats["frames_out_dropped"],
-                      "barge_ins": self.stats["barge_ins"], "playout_pending_ms": self.playout.pending_ms},
+                      "barge_ins": self.stats["barge_ins"], "playout_pending_ms": self.playout.pending_ms,
+                      # What the leg itself counts: an RTP leg's packets late, lost, reordered,
+                      # concealed, from a wrong source (bridge/rtp.py); AudioSocket's TCP has none.
+                      "leg": leg_stats() if (leg_stats := getattr(getattr(self.leg, "stats", None), "as_dict",
+                                                                  None)) is not None else None},
             "capabilities": self.capabilities,
             "muted": self.muted,
         }

@@ -89,10 +89,20 @@ function show(view) {
   $("#nav").hidden = view === "signin";
 }
 
+// Media health: the call's frame counters, then what its leg counts (an RTP leg's late, lost,
+// reordered, concealed packets): only the non-zero ones of those, so a healthy leg says little.
 function media(info) {
   const m = info.media;
   if (!m) return "";
-  return Object.entries(m).map(([k, v]) => `${k.replace(/_/g, " ")} ${v}`).join(" · ");
+  const {leg, ...call} = m;
+  const parts = Object.entries(call).map(([k, v]) => `${k.replace(/_/g, " ")} ${v}`);
+  if (leg) {
+    for (const [k, v] of Object.entries(leg)) {
+      if (v && !["received", "delivered"].includes(k)) parts.push(`rtp ${k.replace(/_/g, " ")} ${v}`);
+    }
+    parts.push(`rtp received ${leg.received ?? 0}`);
+  }
+  return parts.join(" · ");
 }
 
 // ------------------------------------------------------------------ sign-in

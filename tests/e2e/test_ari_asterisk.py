@@ -152,6 +152,8 @@ async def test_caller_audio_reaches_the_gateway_over_rtp(bridge, sim, ari_asteri
     assert call.end_reason == "caller-hangup"
     leg = call.leg
     assert leg.stats.wrong_source == 0 and leg.stats.duplicates == 0
+    media = call.info()["media"]["leg"]  # what the API and the console show of the RTP leg
+    assert media["received"] >= 60 and media["delivered"] >= 60 and media["wrong_source"] == 0
 
 
 async def test_a_burst_from_the_gateway_is_heard_paced_in_real_time(bridge, sim, ari_asterisk, ami):
