@@ -239,6 +239,12 @@ class Bridge:
         if "ari" in cfg.ingress:
             from . import ari_ingress
 
+            ari_ingress.check_rtp_host(cfg.ari.rtp.host)  # a wrong address fails start-up, not the first call
+            if self.cluster is not None:
+                log.warning("cluster with ingress ari: Asterisk gives one Stasis application's events to one "
+                            "connection, so each node needs its own ari.app (now %r; e.g. VOXBRIDGE_ARI__APP="
+                            "voxbridge-%s) and the dialplan spreads calls over them", cfg.ari.app,
+                            self.cluster.node_id)
             self.ari = ari_ingress.build(cfg, open_call=self.open_session, refusal=self.calls.refusal,
                                          pending=self.calls.pending, resolved=self.asterisk.resolved,
                                          on_fault=lambda exc: self.supervisor.crashes.update(["ari"]))
@@ -265,6 +271,8 @@ class Bridge:
         """Stop accepting, end every call (the dialplan continues for each), then close."""
         if self._server is not None:
             self._server.close()
+        if self.ari is not None:
+            self.ari.closing = True  # a caller entering Stasis now goes straight back to the dialplan
         self.dialer.stop()
         sessions = list(self.sessions.values())
         if sessions:

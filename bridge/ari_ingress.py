@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ from tools.base import ChannelInfo, ToolError
 
 from .ari import AriClient, AriError
 from .calls import CallSettings
-from .config import Config
+from .config import Config, ConfigError
 from .leg import CallerLeg, LegListener
 from .rtp_leg import RtpLeg, RtpPortPool, RtpPortsExhausted
 from .telephony import parse_vars
@@ -53,10 +54,14 @@ log = logging.getLogger("voxbridge.ari")
 CALL_VARIABLES = ("AS_UUID", "AS_PROFILE", "AS_VARS")
 #: How long shutdown waits for the calls' last ARI requests (continue, delete).
 RELEASE_GRACE_S = 3.0
+#: How long a channel entering the application again waits for its previous call to finish ending.
+PREVIOUS_CALL_WAIT_S = 5.0
 
 
 class Session(LegListener, Protocol):
     call_id: str
+    #: Set once the call's teardown is done.
+    ended: asyncio.Event
 
 
 class AriIngress:
@@ -77,8 +82,12 @@ class AriIngress:
         self.calls: dict[str, AriCall] = {}
         #: External Media channel id → its call (their StasisStart and StasisEnd are ours, not calls).
         self._media: dict[str, AriCall] = {}
+        #: Every call not yet released (``calls`` forgets one at its StasisEnd; this at release).
+        self._unreleased: set[AriCall] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.setup_failures = 0
+        #: Set at shutdown: a caller entering the application now is sent straight back to the dialplan.
+        self.closing = False
         client.add_listener(self.on_event)
         client.on_connect(self.resync)
 
@@ -93,11 +102,17 @@ class AriIngress:
         if kind == "StasisStart":
             if cid in self._media or cid in self.calls:
                 return  # our own External Media channel; or a call already running: never set up twice
+            if self.closing:
+                self._spawn(self._turn_away(cid), f"ari-turn-away-{cid}")
+                return
             call = AriCall(self, channel, event.get("args") or [])
             self.calls[cid] = call
+            self._unreleased.add(call)
             self._spawn(call.setup(), f"ari-setup-{cid}")
         elif kind in ("StasisEnd", "ChannelDestroyed"):
-            if (caller := self.calls.get(cid)) is not None:
+            # Forgotten at once: the same channel may enter the application again (a transfer to an
+            # extension that runs Stasis() with another profile) while this call is still being torn down.
+            if (caller := self.calls.pop(cid, None)) is not None:
                 caller.caller_left("caller-hangup")
             elif (owner := self._media.get(cid)) is not None:
                 owner.media_left()
@@ -120,6 +135,12 @@ class AriIngress:
                 call.media_left()
         log.info("ARI resync: %d call(s) still up", len(self.calls))
 
+    async def _turn_away(self, channel_id: str) -> None:
+        try:
+            await self.client.request("POST", f"/channels/{channel_id}/continue")
+        except AriError as exc:
+            log.warning("shutting down: could not send channel %s back to the dialplan: %s", channel_id, exc)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -135,16 +156,18 @@ class AriIngress:
     async def close(self) -> None:
         """Shutdown (after every session ended): release the calls still being set up, let the
         calls' last requests (continue, delete) finish within a grace, then drop what is left."""
-        for call in list(self.calls.values()):
+        self.closing = True
+        for call in list(self._unreleased):
             if not call.released:
                 self._spawn(call.release("hangup"), f"ari-release-{call.channel_id}")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=RELEASE_GRACE_S)
         for task in list(self._tasks):
             task.cancel()
-        for call in list(self.calls.values()):
+        for call in list(self._unreleased):
             if call.leg is not None:
                 call.leg.abort()
+        self._unreleased.clear()
         self.calls.clear()
         self._media.clear()
 
@@ -178,24 +201,40 @@ class AriCall:
     # ------------------------------------------------------------------ set-up
 
     async def setup(self) -> None:
+        """Set the call up; whatever fails (Asterisk's answer, no free port, a malformed event, a
+        bug), the caller goes back to the dialplan and nothing it was given is left behind."""
         try:
             await self._setup()
-        except (AriError, OSError, RtpPortsExhausted, ValueError) as exc:
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo())
+            raise
+        except Exception as exc:  # any failure: the caller is not left in Stasis in silence
             self.ingress.setup_failures += 1
-            log.error("[%s] ARI call set-up failed: %s", self.call_id, exc)
+            expected = isinstance(exc, AriError | OSError | RtpPortsExhausted | ValueError)
+            log.error("[%s] ARI call set-up failed: %s", self.call_id, exc if expected else repr(exc),
+                      exc_info=None if expected else exc)
             if self.session is not None:
                 self.session.on_caller_gone(f"ari-setup-failed: {exc}")
             else:
                 await self.release("hangup")
+                await self._undo()
+
+    def _abandoned(self) -> bool:
+        """After an await of the set-up: was the call released, or did its caller leave meanwhile?"""
+        return self.released or self.gone or self.ingress.closing
 
     async def _setup(self) -> None:
         ingress, cfg = self.ingress, self.ingress.config.ari
         values = await self._read_variables()
         if values.get("AS_UUID"):
             self.call_id = values["AS_UUID"]
+        await self._previous_call_over()
         why = ingress._refusal(self.call_id)
         if why is not None:
             log.warning("[%s] refused: %s (the dialplan continues)", self.call_id, why)
+            await self.release("hangup")
+            return
+        if self._abandoned():
             await self.release("hangup")
             return
         settings = self._settings(values)
@@ -203,8 +242,8 @@ class AriCall:
             answer = asyncio.ensure_future(self._client.request("POST", f"/channels/{self.channel_id}/answer"))
         else:
             answer = None
-        self.leg = await ingress.ports.open(cfg.format, on_hangup=self._leg_closed)
         try:
+            self.leg = await ingress.ports.open(cfg.format, on_hangup=self._leg_closed)
             self.media_id = f"vb-media-{uuid.uuid4().hex}"
             ingress._media[self.media_id] = self
             host = cfg.rtp.advertise or cfg.rtp.host
@@ -216,8 +255,9 @@ class AriCall:
         finally:
             if answer is not None:
                 await answer
-        if self.gone:
+        if self._abandoned():
             await self.release("hangup")
+            await self._undo()  # the External Media channel may have been created after release() ran
             return
         settings.channel = ChannelInfo(
             name=str(self.channel.get("name") or self.channel_id), uniqueid=self.channel_id,
@@ -236,12 +276,27 @@ class AriCall:
         self.leg.attach(session)
         self.bridge_id = f"vb-bridge-{uuid.uuid4().hex}"
         await self._client.request("POST", "/bridges", params={"type": "mixing", "bridgeId": self.bridge_id})
+        if self.released:  # the session ended meanwhile: its release may have missed the new bridge
+            await self._undo()
+            return
         await self._client.request("POST", f"/bridges/{self.bridge_id}/addChannel",
                                    params={"channel": f"{self.channel_id},{self.media_id}"})
         if self.gone:  # hung up while we bridged: the StasisEnd already told the session
             return
         log.info("[%s] ARI call on %s bridged with External Media %s (RTP %s, port %d)", self.call_id,
                  settings.channel.name, self.media_id, cfg.format, self.leg.local_port)
+
+    async def _previous_call_over(self) -> None:
+        """A channel that enters the application again (a transfer to an extension running Stasis()
+        with another profile) has the same call id as the call it just left, which may still be
+        tearing down (the gateway's goodbye, tools finishing): wait for that, briefly."""
+        for other in list(self.ingress._unreleased):
+            if other is not self and other.call_id == self.call_id and other.session is not None:
+                try:
+                    await asyncio.wait_for(other.session.ended.wait(), PREVIOUS_CALL_WAIT_S)
+                except TimeoutError:
+                    log.warning("[%s] the previous call on this channel is still ending after %.0f s",
+                                self.call_id, PREVIOUS_CALL_WAIT_S)
 
     async def _read_variables(self) -> dict[str, str]:
         values = {k: str(v) for k, v in (self.channel.get("channelvars") or {}).items()
@@ -257,9 +312,9 @@ class AriCall:
             answer = await self._client.request("GET", f"/channels/{self.channel_id}/variable",
                                                 params={"variable": name})
         except AriError as exc:
-            if exc.status == 404:  # "Provided variable was not found": the dialplan did not set it
+            if exc.status == 404 and "variable" in str(exc).lower():  # the dialplan did not set it
                 return None
-            raise
+            raise  # the channel itself is gone (404 "Channel not found"), or worse
         return str(answer.get("value") or "") if isinstance(answer, dict) else None
 
     def _settings(self, values: dict[str, str]) -> CallSettings:
@@ -300,10 +355,11 @@ class AriCall:
         if self.gone:
             return
         self.gone = True
+        if self.ingress.calls.get(self.channel_id) is self:
+            del self.ingress.calls[self.channel_id]
         if self.session is not None:
             self.session.on_caller_gone(why)  # the session ends; its leg's hangup() releases the rest
-        elif self.leg is None:
-            self.ingress.calls.pop(self.channel_id, None)  # still reading variables: set-up stops at its next step
+        # else: the set-up notices at its next step (_abandoned) and releases
 
     def media_left(self) -> None:
         """The External Media channel went away under a live call: its audio has stopped."""
@@ -334,9 +390,21 @@ class AriCall:
         finally:
             if self.leg is not None:
                 self.leg.abort()  # closes the socket, frees the port (idempotent)
-            self.ingress.calls.pop(self.channel_id, None)
+            if self.ingress.calls.get(self.channel_id) is self:
+                del self.ingress.calls[self.channel_id]
+            self.ingress._unreleased.discard(self)
             if self.media_id is not None:
                 self.ingress._media.pop(self.media_id, None)
+
+    async def _undo(self) -> None:
+        """Delete what the set-up created after :meth:`release` ran (it may have been in flight)."""
+        if self.leg is not None:
+            self.leg.abort()
+        if self.media_id is not None:
+            await self._quietly("DELETE", f"/channels/{self.media_id}")
+            self.ingress._media.pop(self.media_id, None)
+        if self.bridge_id is not None:
+            await self._quietly("DELETE", f"/bridges/{self.bridge_id}")
 
     async def _quietly(self, method: str, path: str) -> None:
         try:
@@ -378,6 +446,16 @@ class AriCall:
                                        params={"variable": name, "value": value})
         except AriError as exc:
             raise ToolError(f"setting {name} failed: {exc}") from None
+
+
+def check_rtp_host(host: str) -> None:
+    """Raise ConfigError naming ``ari.rtp.host`` if no UDP socket can be bound there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError as exc:
+        raise ConfigError(f"ari.rtp.host: cannot bind a UDP socket on {host}: {exc.strerror or exc}") from None
 
 
 def build(config: Config, *, open_call: Callable[[str, CallerLeg], Session | None],

@@ -523,6 +523,8 @@ class AriConfig(_Model):
     @classmethod
     def _url(cls, v: str) -> str:
         v = v.rstrip("/")
+        if "@" in v.split("://", 1)[-1].split("/", 1)[0]:  # it is logged and shown, so never echoed here
+            raise ValueError("must not carry a user name or password (use ari.username and ari.password)")
         if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
             raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8088, got {v!r}")
         if v.endswith("/ari"):
@@ -884,7 +886,8 @@ _ENV_ALIASES = {
     "VOXBRIDGE_ARI_PASSWORD": ("ari", "password"),
     "VOXBRIDGE_API_TOKEN": ("api", "token"),
 }
-_SECRET_HINTS = ("api_key", "secret", "token", "password", "redis_url", "postgres_url")  # URLs may carry a password
+# Keys whose values an error never quotes (URLs may carry a password).
+_SECRET_HINTS = ("api_key", "secret", "token", "password", "redis_url", "postgres_url", "ari.url")
 
 
 class _EnvSource(EnvSettingsSource):

@@ -113,7 +113,13 @@ class RtpLeg(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         remote = self.remote
         if remote is None or addr[1] != remote[1] or addr[0] != remote[0]:
-            self.receiver.stats.wrong_source += 1
+            stats = self.receiver.stats
+            stats.wrong_source += 1
+            if stats.wrong_source == 1 and remote is not None:
+                # Once per leg: NAT or a dual-stack bind (::ffff:a.b.c.d) would otherwise silence a
+                # call with nothing but a counter to show for it.
+                log.warning("RTP leg %s: ignoring packets from %s:%s (Asterisk announced %s:%s)",
+                            self.local, addr[0], addr[1], remote[0], remote[1])
             return
         if self.listener is None:
             self.receiver.stats.unattached += 1

@@ -6,76 +6,14 @@ chosen moment, answer REST with an error body. The real thing is in tests/e2e/te
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType, web
 
 from bridge.ari import AriClient, AriError
-
-USER, PASSWORD = "voxbridge", "s3cret-ari-pw"
-
-
-class FakeAri:
-    """Just enough of Asterisk's HTTP server: Basic auth, /ari/events, and scripted REST answers."""
-
-    def __init__(self) -> None:
-        self.sockets: list[web.WebSocketResponse] = []
-        self.connected = asyncio.Queue[web.WebSocketResponse]()
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.answers: dict[tuple[str, str], tuple[int, Any]] = {}
-        self.refuse_events = False
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    def _authorised(self, request: web.Request) -> bool:
-        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        return request.headers.get("Authorization") == expected
-
-    async def events(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorised(request) or self.refuse_events:
-            return web.json_response({"message": "Authentication required"}, status=401)
-        assert request.query.get("app") == "voxbridge"
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self.sockets.append(ws)
-        self.connected.put_nowait(ws)
-        async for msg in ws:
-            if msg.type == WSMsgType.ERROR:
-                break
-        return ws
-
-    async def rest(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorised(request):
-            return web.json_response({"message": "Authentication required"}, status=401)
-        path = "/" + request.match_info["tail"]
-        self.requests.append((request.method, path, dict(request.query)))
-        status, body = self.answers.get((request.method, path), (204, None))
-        if body is None:
-            return web.Response(status=status)
-        if isinstance(body, str):
-            return web.Response(status=status, text=body)
-        return web.json_response(body, status=status)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/ari/events", self.events)
-        app.router.add_route("*", "/ari/{tail:.*}", self.rest)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        for ws in self.sockets:
-            await ws.close()
-        assert self.runner is not None
-        await self.runner.cleanup()
+from tests.fake_ari import PASSWORD, USER, FakeAri
 
 
 @pytest.fixture

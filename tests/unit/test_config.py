@@ -382,6 +382,10 @@ gateway: {demo: true}
 
 
 def test_an_ari_password_in_an_error_is_never_shown():
+    for url in ("http://voxbridge:pw-in-url@pbx:8088", "ws://voxbridge:pw-in-url@pbx:8088"):
+        with pytest.raises(ConfigError, match=r"ari\.url: Value error, must not carry a user name or password") as err:
+            load_config(None, env={"VOXBRIDGE_ARI__URL": url})
+        assert "pw-in-url" not in str(err.value)
     with pytest.raises(ConfigError) as err:
         load_config(None, env={"VOXBRIDGE_ARI_PASSWORD": "pw-secret-1", "VOXBRIDGE_ARI__PASSWORD": "pw-secret-2"})
     assert "ari.password: set by both" in str(err.value) and "pw-secret" not in str(err.value)
