@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
@@ -37,3 +38,43 @@ async def dtmf_heard(ami: AmiClient, since: int, count: int, timeout: float = 5)
             since = ami.events.index(ev) + 1
             digits.append(ev["Digit"])
     return digits
+
+
+# The same call-control checks for both ways in: the AI's tool calls, seen from Asterisk's side.
+
+
+async def transfer_is_refused_then_done(bridge: Any, session: Any, call: Any, ami: AmiClient) -> None:
+    """A transfer outside the allowlist is refused and touches nothing; one inside it moves the
+    caller's channel (VoxbridgeTransferred on it), ends the call once, and the dialplan never
+    sees the call return (no VoxbridgeReturned)."""
+    mark = ami.mark()
+    refused = json.loads(await session.call_tool("transfer", {"extension": "666", "context": "voxbridge-forbidden"}))
+    assert "not allowed" in refused["error"]
+    assert call.call_id in bridge.sessions and not call.end_reason  # untouched
+    assert not ami.find_events(lambda e: e.get("UserEvent") == "VoxbridgeForbiddenReached", since=mark)
+    result = json.loads(await session.call_tool("transfer", {"extension": "100", "after_speech": False}))
+    assert result == {"status": "transferred", "context": "voxbridge-transfer", "extension": "100"}
+    ev = await ami.wait_event(lambda e: e.get("UserEvent") == "VoxbridgeTransferred", timeout=5, since=mark)
+    assert ev["Channel"] == call.channel.name  # the caller's channel, now in the target extension
+    await asyncio.wait_for(call.ended.wait(), 5)
+    assert call.end_reason == "transferred:voxbridge-transfer,100"
+    assert not ami.find_events(
+        lambda e: e.get("UserEvent") == "VoxbridgeReturned" and e.get("UUID") == call.call_id, since=mark)
+
+
+async def hangup_ends_the_channel(session: Any, call: Any, ami: AmiClient) -> None:
+    """The AI's hangup hangs the caller's channel up (cause 16) and ends the call as ai-hangup."""
+    mark = ami.mark()
+    assert "hung up" in await session.call_tool("hangup", {"after_speech": False})
+    ev = await ami.wait_event(lambda e: e.get("Event") == "Hangup" and e.get("Channel") == call.channel.name,
+                              timeout=5, since=mark)
+    assert ev["Cause"] == "16"
+    await asyncio.wait_for(call.ended.wait(), 5)
+    assert call.end_reason.startswith("ai-hangup")
+
+
+async def dtmf_reaches_the_caller(session: Any, ami: AmiClient) -> None:
+    """The AI's send_dtmf plays its digits on the caller's channel, in order."""
+    mark = ami.mark()
+    assert await session.call_tool("send_dtmf", {"digits": "42"}) == "ok: sent 42"
+    assert await dtmf_heard(ami, mark, 2) == ["4", "2"]

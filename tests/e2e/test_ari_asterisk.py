@@ -10,7 +10,6 @@ StasisStart with an External Media channel sending RTP to one of its ports, brid
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pytest
@@ -23,7 +22,13 @@ from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
-from .checks import dtmf_heard, heard_tone, session_for
+from .checks import (
+    dtmf_reaches_the_caller,
+    hangup_ends_the_channel,
+    heard_tone,
+    session_for,
+    transfer_is_refused_then_done,
+)
 from .conftest import free_port
 from .test_sandbox import is_user_event, wait_recording
 
@@ -184,24 +189,12 @@ async def test_barge_in_cuts_the_ai_off_at_once(ulaw_bridge, sim, ari_asterisk, 
 
 
 async def test_transfer_through_ari_and_a_forbidden_target_is_refused(ulaw_bridge, sim, ari_asterisk, ami):
-    bridge = ulaw_bridge
     as_uuid, _ = await place_call(ami, ari_asterisk, tone(300, 200, 8000), wait_after=8)
     session = await sim.next_session(10)
     await session.wait_accepted()
-    call = await session_for(bridge, as_uuid)
-    mark = ami.mark()
-    refused = json.loads(await session.call_tool("transfer", {"extension": "666", "context": "voxbridge-forbidden"}))
-    assert "not allowed" in refused["error"]
-    assert as_uuid in bridge.sessions and not call.end_reason
-    assert not ami.find_events(lambda e: e.get("UserEvent") == "VoxbridgeForbiddenReached", since=mark)
-    result = json.loads(await session.call_tool("transfer", {"extension": "100", "after_speech": False}))
-    assert result == {"status": "transferred", "context": "voxbridge-transfer", "extension": "100"}
-    ev = await ami.wait_event(lambda e: e.get("UserEvent") == "VoxbridgeTransferred", timeout=5, since=mark)
-    assert ev["Channel"] == call.channel.name  # the caller's channel, now in the target extension
-    await asyncio.wait_for(call.ended.wait(), 5)
-    assert call.end_reason == "transferred:voxbridge-transfer,100"
-    assert not ami.find_events(is_user_event("VoxbridgeReturned", as_uuid), since=mark)  # continued once, there
-    await _released(bridge)
+    call = await session_for(ulaw_bridge, as_uuid)
+    await transfer_is_refused_then_done(ulaw_bridge, session, call, ami)  # continued once, there
+    await _released(ulaw_bridge)
 
 
 async def test_hangup_through_ari_ends_the_channel(ulaw_bridge, sim, ari_asterisk, ami):
@@ -209,13 +202,7 @@ async def test_hangup_through_ari_ends_the_channel(ulaw_bridge, sim, ari_asteris
     session = await sim.next_session(10)
     await session.wait_accepted()
     call = await session_for(ulaw_bridge, as_uuid)
-    mark = ami.mark()
-    assert "hung up" in await session.call_tool("hangup", {"after_speech": False})
-    ev = await ami.wait_event(lambda e: e.get("Event") == "Hangup" and e.get("Channel") == call.channel.name,
-                              timeout=5, since=mark)
-    assert ev["Cause"] == "16"
-    await asyncio.wait_for(call.ended.wait(), 5)
-    assert call.end_reason.startswith("ai-hangup")
+    await hangup_ends_the_channel(session, call, ami)
     await _released(ulaw_bridge)
 
 
@@ -237,9 +224,7 @@ async def test_send_dtmf_through_ari(ulaw_bridge, sim, ari_asterisk, ami):
     session = await sim.next_session(10)
     await session.wait_accepted()
     await session_for(ulaw_bridge, as_uuid)
-    mark = ami.mark()
-    assert await session.call_tool("send_dtmf", {"digits": "42"}) == "ok: sent 42"
-    assert await dtmf_heard(ami, mark, 2) == ["4", "2"]
+    await dtmf_reaches_the_caller(session, ami)
 
 
 async def test_a_dtmf_shortcut_from_the_caller_runs_its_tool(ulaw_bridge, sim, ari_asterisk, ami):

@@ -25,8 +25,14 @@ from bridge.devtools.gateway_sim import tone as sim_tone
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
-from .checks import dtmf_heard, heard_tone, session_for
-from .test_sandbox import is_user_event, wait_recording
+from .checks import (
+    dtmf_reaches_the_caller,
+    hangup_ends_the_channel,
+    heard_tone,
+    session_for,
+    transfer_is_refused_then_done,
+)
+from .test_sandbox import wait_recording
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -113,18 +119,7 @@ async def test_transfer_moves_the_caller_and_a_forbidden_target_is_refused(bridg
     session = await sim.next_session(10)
     await session.wait_accepted()
     call = await session_for(bridge, as_uuid)
-    mark = ami.mark()
-    refused = json.loads(await session.call_tool("transfer", {"extension": "666", "context": "voxbridge-forbidden"}))
-    assert "not allowed" in refused["error"]
-    assert as_uuid in bridge.sessions and not call.end_reason  # untouched
-    assert not ami.find_events(lambda e: e.get("UserEvent") == "VoxbridgeForbiddenReached", since=mark)
-    result = json.loads(await session.call_tool("transfer", {"extension": "100", "after_speech": False}))
-    assert result == {"status": "transferred", "context": "voxbridge-transfer", "extension": "100"}
-    ev = await ami.wait_event(lambda e: e.get("UserEvent") == "VoxbridgeTransferred", timeout=5, since=mark)
-    assert ev["Channel"] == call.channel.name  # the caller's channel, now in the target extension
-    await asyncio.wait_for(call.ended.wait(), 5)
-    assert call.end_reason == "transferred:voxbridge-transfer,100"
-    assert not ami.find_events(is_user_event("VoxbridgeReturned", as_uuid), since=mark)
+    await transfer_is_refused_then_done(bridge, session, call, ami)
 
 
 async def test_hangup_tool_ends_the_channel(bridge, sim, asterisk, ami):
@@ -132,13 +127,7 @@ async def test_hangup_tool_ends_the_channel(bridge, sim, asterisk, ami):
     session = await sim.next_session(10)
     await session.wait_accepted()
     call = await session_for(bridge, as_uuid)
-    mark = ami.mark()
-    assert "hung up" in await session.call_tool("hangup", {"after_speech": False})
-    ev = await ami.wait_event(lambda e: e.get("Event") == "Hangup" and e.get("Channel") == call.channel.name,
-                              timeout=5, since=mark)
-    assert ev["Cause"] == "16"
-    await asyncio.wait_for(call.ended.wait(), 5)
-    assert call.end_reason.startswith("ai-hangup")
+    await hangup_ends_the_channel(session, call, ami)
 
 
 @pytest.mark.parametrize("destination,outcome", [("answer", "answered"), ("busy", "busy")])
@@ -165,9 +154,7 @@ async def test_send_dtmf_plays_digits_to_the_caller(bridge, sim, asterisk, ami):
     session = await sim.next_session(10)
     await session.wait_accepted()
     await session_for(bridge, as_uuid)
-    mark = ami.mark()
-    assert await session.call_tool("send_dtmf", {"digits": "42"}) == "ok: sent 42"
-    assert await dtmf_heard(ami, mark, 2) == ["4", "2"]
+    await dtmf_reaches_the_caller(session, ami)
 
 
 async def test_dialplan_chooses_the_profile_and_fills_the_prompt(bridge, sim, asterisk, ami):
