@@ -284,3 +284,26 @@ async def _released(bridge: Bridge, timeout: float = 5) -> None:
     async with asyncio.timeout(timeout):
         while bridge.ari.calls or bridge.ari.ports.in_use:
             await asyncio.sleep(0.02)
+
+
+async def test_a_dropped_event_stream_reconnects_and_live_calls_carry_on_untouched(ulaw_bridge, sim, ari_asterisk, ami):
+    bridge = ulaw_bridge
+    as_uuid, _ = await place_call(ami, ari_asterisk, tone(1000, 3000, 8000), wait_after=2)
+    session = await sim.next_session(10)
+    call = await session_for(bridge, as_uuid)
+    await session.wait_audio(3200, timeout=10)  # 200 ms of the caller
+    channels_before = await bridge.ari.client.request("GET", "/channels")
+    await bridge.ari.client.drop_connection()  # the stream drops; Asterisk keeps the call in Stasis
+    async with asyncio.timeout(10):
+        while bridge.ari.client.connects < 2 or not bridge.ari.client.connected.is_set():
+            await asyncio.sleep(0.02)
+    # The resync found the call's channels alive: nothing ended, nothing set up again.
+    assert not call.ended.is_set() and as_uuid in bridge.sessions
+    heard = len(session.audio)
+    await session.wait_audio(heard + 8000, timeout=10)  # the caller is still heard after the reconnect
+    assert len(await bridge.ari.client.request("GET", "/channels")) == len(channels_before)
+    async with asyncio.timeout(15):
+        await session.closed.wait()
+    await asyncio.wait_for(call.ended.wait(), 5)
+    assert call.end_reason == "caller-hangup"
+    await _released(bridge)
