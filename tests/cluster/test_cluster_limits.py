@@ -166,33 +166,45 @@ async def test_a_call_is_shown_live_by_any_node_as_its_owner_sees_it(small_clust
         await until(lambda: active_on(a, str(on_b.uuid)), "lim-b answers again")
 
 
+ROUNDS = 6
+
+
 async def test_a_subscription_just_created_gets_the_next_event_from_any_node(
         small_cluster: dict[str, Node]) -> None:
-    a, c = small_cluster["lim-a"], small_cluster["lim-c"]
+    """lim-b is stopped (SIGSTOP) while the subscription is created on lim-a and the event is
+    published on lim-c: its pending stream read may be handed the event, and on SIGCONT its socket
+    holds both the "subscriptions changed" message and the event. A node that hands the event on
+    before it has reloaded loses it (each round ~1/3 to 1/2 likely, so 6 rounds catch it)."""
+    a, b, c = small_cluster["lim-a"], small_cluster["lim-b"], small_cluster["lim-c"]
     receiver = HttpReceiver()
     await receiver.start()
     hooks: list[str] = []
     ids: list[str] = []
-    seen: list[list[str]] = [[] for _ in range(4)]
+    seen: list[list[str]] = [[] for _ in range(ROUNDS)]
     try:
-        for round_ in range(4):
+        for round_ in range(ROUNDS):
             async with caller(c) as leg:
                 call_id = str(leg.uuid)
                 await until(lambda call_id=call_id: active_on(c, call_id), "a call active on lim-c")
-                async with a.client() as api:
-                    r = await api.post("/v1/webhooks", json={"url": receiver.url(f"/r{round_}"),
-                                                             "events": ["call.ended"]})
-                    assert r.status_code == 201, r.text
-                    hooks.append(r.json()["id"])
-                async with c.client() as api:  # at once: no waiting for lim-c (or anyone) to reload
-                    assert (await api.post(f"/v1/calls/{call_id}/hangup")).status_code == 200
-                await asyncio.wait_for(leg.ended.wait(), WAIT)
+                os.kill(b.proc.pid, signal.SIGSTOP)
+                try:
+                    async with a.client() as api:
+                        r = await api.post("/v1/webhooks", json={"url": receiver.url(f"/r{round_}"),
+                                                                 "events": ["call.ended"]})
+                        assert r.status_code == 201, r.text
+                        hooks.append(r.json()["id"])
+                    async with c.client() as api:  # at once: no waiting for any node to reload
+                        assert (await api.post(f"/v1/calls/{call_id}/hangup")).status_code == 200
+                    await asyncio.wait_for(leg.ended.wait(), WAIT)
+                    await asyncio.sleep(0.3)  # lim-b stays stopped while the event is handed out
+                finally:
+                    os.kill(b.proc.pid, signal.SIGCONT)
             ids.append(call_id)
             got = await receiver.next(f"/r{round_}", WAIT)
             assert got.event["type"] == "call.ended" and got.event["call_id"] == call_id
             seen[round_].append(call_id)
         await asyncio.sleep(2)  # room for a duplicate
-        for round_ in range(4):  # each hook also had the later rounds' calls, each once
+        for round_ in range(ROUNDS):  # each hook also had the later rounds' calls, each once
             queue = receiver.requests[f"/r{round_}"]
             while not queue.empty():
                 seen[round_].append(queue.get_nowait().event["call_id"])
