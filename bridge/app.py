@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from tools.base import Tool
 
@@ -56,6 +56,7 @@ from .playout import PlayoutClock
 from .recording import Recordings
 from .server import AudioSocketConnection, AudioSocketIngress, start_server
 from .session import CallServices, CallSession
+from .store import TERMINAL_STATES
 from .supervise import Supervisor
 from .telephony import Asterisk, OutboundDialer, TelephonyCall, parse_vars
 from .toolset import build_tools, first_tool_listing, make_http_client, make_telephony
@@ -102,7 +103,8 @@ class Bridge:
         else:
             self.calls = CallRegistry(config.audiosocket.max_calls)
         self.router: CommandRouter = self.cluster if self.cluster is not None else LocalRouter()
-        self.hub = EventHub(config, self.supervisor, self.events, webhooks_from_bus=self.cluster is None)
+        self.hub = EventHub(config, self.supervisor, self.events, webhooks_from_bus=self.cluster is None,
+                            node=self.cluster.node_id if self.cluster is not None else None)
         if self.cluster is not None:
             self.events.add_sink(self.cluster.offer)
         self.gateways = GatewayFactory(config, gateway_factory)
@@ -219,6 +221,9 @@ class Bridge:
         if self.cluster is not None:
             assert self.hub.webhooks is not None
             self.hub.webhooks.on_change = self.cluster.hooks_changed
+            if cfg.store.postgres_url is not None:
+                # Before taking calls: calls of a cluster that went down whole are still "active".
+                await self.cluster.sweep(self.hub.store)
         if self.recordings is not None:
             await self.recordings.start()
         # AMI connects (and reconnects) in the background. The loop survives every failure of a
@@ -258,7 +263,8 @@ class Bridge:
             self.api = ApiServer(self, api_host, api_port)
             await self.api.start()
         if self.cluster is not None:
-            self.cluster.start(webhooks=self.hub.webhooks, executor=self.api.replay if self.api is not None else None)
+            self.cluster.start(webhooks=self.hub.webhooks, executor=self.api.replay if self.api is not None else None,
+                               live_view=self._live_views)
 
     @property
     def audiosocket_address(self) -> tuple[str, int]:
@@ -353,10 +359,28 @@ class Bridge:
         info.setdefault("ended_at", None)
         return info
 
+    def _live_views(self, call_ids: list[str]) -> dict[str, Any]:
+        """This node's live views of those of ``call_ids`` it has (for another cluster node's API)."""
+        return {cid: self._live_info(self.sessions[cid]) for cid in call_ids if cid in self.sessions}
+
+    async def _remote_live(self, call_ids: list[str]) -> dict[str, Any]:
+        """In a cluster: the live views the owning nodes give of the calls they have; {} for the
+        calls whose owner does not answer in time (their history row stands in)."""
+        if self.cluster is None or not call_ids:
+            return {}
+        try:
+            return await self.cluster.live_views(call_ids)
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable: the shared history still answers
+            log.warning("cluster: cannot ask the owning nodes for live calls (%s: %s)", type(exc).__name__, exc)
+            return {}
+
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
         session = self.sessions.get(call_id)
         if session is not None:
             return self._live_info(session)
+        remote = await self._remote_live([call_id])
+        if call_id in remote:
+            return cast(dict[str, Any], remote[call_id])
         call = await self.store.get_call(call_id)
         return None if call is None else self._with_recording(call)
 
@@ -372,7 +396,11 @@ class Bridge:
         """The history, newest first; ``filters``: caller, profile, end_reason, since, until
         (bridge/store.py's ``list_calls``)."""
         calls = await self.store.list_calls(state, limit, offset, **filters)
+        # Another node's live call: its owner's live view (state, duration, tools), not the row.
+        remote = await self._remote_live([c["call_id"] for c in calls if c["call_id"] not in self.sessions
+                                          and c.get("state") not in TERMINAL_STATES])
         return [self._live_info(self.sessions[c["call_id"]]) if c["call_id"] in self.sessions
+                else remote[c["call_id"]] if c["call_id"] in remote
                 else self._with_recording(c) for c in calls]
 
     def metrics_text(self) -> str:

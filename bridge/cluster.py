@@ -21,6 +21,10 @@ What is shared, and under which Redis keys (``KEY`` = ``voxbridge:``):
                                    to one node's webhook dispatcher; every node reads it all for its
                                    live ``/v1/events`` streams
 ``KEY hooks`` (pub/sub)            webhook subscriptions changed: every node reloads them from the store
+``KEY hooks-version``              bumped on every subscription change; a node reloads before handing
+                                   on events whenever it has not yet seen the current version
+``KEY reaped:<id>``                a reaper declared this node dead a moment ago (the start-up sweep
+                                   leaves its calls to that reaper's ``call.failed``)
 =================================  =====================================================================
 
 A node that dies (``kill -9``) stops heartbeating; within ``node_timeout_s + heartbeat_s`` a
@@ -29,6 +33,17 @@ and its calls from ``calls``: one reaper, and only one, gets the list and publis
 (reason ``node-lost``) for each on its own bus, whence it reaches the shared history, the webhooks
 and every live stream. Webhook entries the dead node had read but not acknowledged are claimed by
 a survivor (XAUTOCLAIM) after the same timeout.
+
+When the whole cluster went down (no survivor to reap), the shared history still shows those
+calls in progress: a node starting sweeps them (:meth:`ClusterNode.sweep`) — the calls of nodes
+that no longer heartbeat and are not being reaped, its own previous incarnation's and those with
+no node — and marks them failed (``node-lost``; ``bridge-restart`` for its own and unowned ones)
+with one ``call.failed`` each, exactly once however many nodes start together.
+
+A subscription created on one node is delivered by whichever node the consumer group hands an
+event to: that node reloads the subscriptions before handing on a batch whenever ``hooks-version``
+moved (one GET per batch), so an event published after the creation's ``201`` always finds it; the
+pub/sub message only makes the reload early.
 """
 
 from __future__ import annotations
@@ -89,12 +104,35 @@ for _, call in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   end
 end
 redis.call('DEL', KEYS[3])
+redis.call('SET', KEYS[5], '1', 'EX', ARGV[2])
 return orphans
 """
+
+#: A node starting under the id of a previous incarnation (a fixed ``node_id``, restarted before
+#: its heartbeat expired): that incarnation's calls died with it. Forget them in the registry
+#: (the start-up sweep fails them in the history); returns how many there were.
+_FORGET_SELF = """
+local n = 0
+for _, call in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('HGET', KEYS[2], call) == ARGV[1] then
+    redis.call('HDEL', KEYS[2], call)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+
+#: How long a reaped node's marker lasts: a start-up sweep in that time leaves its calls alone.
+REAPED_MARK_S = 300
 
 
 class CommandUnanswered(Exception):
     """The call's owning node did not answer a routed command in time (the API says 504)."""
+
+
+class _Unanswered(Exception):
+    """A node asked through :meth:`ClusterNode._ask` did not answer (not listening, or too late)."""
 
 
 class CommandRouter(Protocol):
@@ -161,6 +199,10 @@ class ClusterNode:
         self.reaped = 0
         #: Calls this node registered as their owner (deregistered when they end here).
         self.claimed: set[str] = set()
+        #: This node's live calls as the API shows them: call ids → their live views (app.py).
+        self._live_view: Callable[[list[str]], dict[str, Any]] | None = None
+        #: The ``hooks-version`` this node's webhook subscriptions are known to include.
+        self._hooks_seen = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -178,6 +220,9 @@ class ClusterNode:
                 except aioredis.ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+                forgotten = await self.redis.eval(_FORGET_SELF, 2, KEY + f"node-calls:{self.node_id}", KEY + "calls",
+                                                  self.node_id)
+                self._hooks_seen = int(await self.redis.get(KEY + "hooks-version") or 0)
                 await self._heartbeat()
         except (OSError, TimeoutError, aioredis.RedisError) as exc:
             await self.redis.aclose()
@@ -185,13 +230,19 @@ class ClusterNode:
             raise ConnectionError(f"cluster.redis_url: cannot reach Redis ({type(exc).__name__}: {exc})") from None
         self._claim = self.redis.register_script(_CLAIM)
         self._reap = self.redis.register_script(_REAP)
+        if forgotten:
+            log.warning("cluster: node %s restarted: its previous incarnation's %d call(s) are over",
+                        self.node_id, forgotten)
         log.info("cluster: node %s joined", self.node_id)
 
-    def start(self, *, webhooks: Any, executor: Executor | None) -> None:
+    def start(self, *, webhooks: Any, executor: Executor | None,
+              live_view: Callable[[list[str]], dict[str, Any]] | None = None) -> None:
         """Start the loops: ``webhooks`` gets this node's share of the events; ``executor`` runs
-        commands routed here (None without an API: commands then go unanswered, 504)."""
+        commands routed here (None without an API: commands then go unanswered, 504);
+        ``live_view`` answers other nodes' ``GET /v1/calls`` for the calls this node owns."""
         self._webhooks = webhooks
         self._executor = executor
+        self._live_view = live_view
         s = self.supervisor
         s.start("cluster.heartbeat", self._heartbeat_loop)
         s.start("cluster.outbox", self._outbox_loop)
@@ -247,7 +298,7 @@ class ClusterNode:
             if node == self.node_id:
                 continue
             orphans = await self._reap(keys=[KEY + "nodes", KEY + f"node:{node}", KEY + f"node-calls:{node}",
-                                             KEY + "calls"], args=[node])
+                                             KEY + "calls", KEY + f"reaped:{node}"], args=[node, REAPED_MARK_S])
             if orphans is None:
                 continue
             log.error("cluster: node %s stopped heartbeating (over %g s): its %d call(s) failed",
@@ -260,6 +311,39 @@ class ClusterNode:
             failed += orphans
             # Webhook entries the dead node read but never acknowledged: a survivor delivers them.
             await self._claim_stale_webhooks()
+        return failed
+
+    async def sweep(self, store: Any) -> list[str]:
+        """At start-up, before this node takes calls: fail the calls the shared history still
+        shows in progress whose node is gone — not heartbeating and not just reaped (a reaper
+        publishes their ``call.failed``), this node's previous incarnation, or none recorded.
+        ``store`` is bridge/store_pg.py's; its conditional UPDATE makes each call fail once
+        across nodes sweeping together. Returns the calls this node failed."""
+        async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+            unfinished = await store.unfinished_calls()
+            if not unfinished:
+                return []
+            members = set(await self.redis.smembers(KEY + "nodes"))
+            others = sorted({n for _, n in unfinished if n and n != self.node_id and n not in members})
+            marked = await self.redis.mget([KEY + f"reaped:{n}" for n in others]) if others else []
+        reaped = {n for n, mark in zip(others, marked, strict=True) if mark is not None}
+        reasons: dict[str, str] = {}
+        owners: dict[str, str | None] = {}
+        for call_id, node in unfinished:
+            if node is None or node == self.node_id:
+                reasons[call_id] = "bridge-restart"
+            elif node not in members and node not in reaped:
+                reasons[call_id] = "node-lost"
+            owners[call_id] = node
+        async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+            failed: list[str] = await store.fail_unfinished(reasons)
+        for call_id in failed:
+            node = owners[call_id]
+            why = (f"bridge node {node} stopped while the call was in progress" if node
+                   else "the bridge that had the call stopped while it was in progress")
+            self.bus.publish("call.failed", call_id, reason=reasons[call_id], node=node, message=why)
+        if failed:
+            log.warning("cluster: %d call(s) were in progress on bridges that are gone; marked failed", len(failed))
         return failed
 
     async def claim_call(self, call_id: str) -> str | None:
@@ -338,24 +422,60 @@ class ClusterNode:
         node = await self.owner(call_id)
         if node is None or node == self.node_id:
             return None
+        try:
+            answer = await self._ask(node, {"method": method, "path": path, "body": body})
+        except _Unanswered as exc:
+            raise CommandUnanswered(f"bridge node {node}, which owns call {call_id}, {exc}") from None
+        return int(answer["status"]), answer["body"]
+
+    async def live_views(self, call_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The live views of those of ``call_ids`` that other nodes own, as their owners show them
+        (one request per owning node, all at once, each bounded by ``command_timeout_s``). A call
+        whose owner does not answer is left out: the caller shows its history row instead."""
+        if not call_ids:
+            return {}
+        async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+            owners = await self.redis.hmget(KEY + "calls", call_ids)
+        by_node: dict[str, list[str]] = {}
+        for call_id, node in zip(call_ids, owners, strict=True):
+            if node is not None and node != self.node_id:
+                by_node.setdefault(node, []).append(call_id)
+
+        async def ask(node: str, ids: list[str]) -> dict[str, Any]:
+            try:
+                answer = await self._ask(node, {"live": ids})
+            except _Unanswered as exc:
+                log.warning("cluster: live view of %d call(s) from node %s: it %s; showing the history", len(ids),
+                            node, exc)
+                return {}
+            views = answer.get("body")
+            return views if isinstance(views, dict) else {}
+
+        views: dict[str, dict[str, Any]] = {}
+        for got in await asyncio.gather(*(ask(n, ids) for n, ids in by_node.items())):
+            views.update(got)
+        return views
+
+    async def _ask(self, node: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Send ``request`` to ``node``'s command channel and return its answer; raise
+        :class:`_Unanswered` (saying why) if it is not listening or does not answer in time."""
         request_id = uuid.uuid4().hex
         reply_key = KEY + f"reply:{request_id}"
-        message = json.dumps({"id": request_id, "reply": reply_key, "method": method, "path": path, "body": body,
-                              "from": self.node_id, "deadline": time.time() + self.command_timeout_s})
+        message = json.dumps({**request, "id": request_id, "reply": reply_key, "from": self.node_id,
+                              "deadline": time.time() + self.command_timeout_s})
         async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
             listeners = await self.redis.publish(KEY + f"cmd:{node}", message)
         if not listeners:
-            raise CommandUnanswered(f"bridge node {node}, which owns call {call_id}, is not listening for commands")
+            raise _Unanswered("is not listening for commands")
         try:
             async with asyncio.timeout(self.command_timeout_s + 1):
                 got = await self.redis.blpop([reply_key], timeout=self.command_timeout_s)
         except TimeoutError:
             got = None
         if got is None:
-            raise CommandUnanswered(f"bridge node {node}, which owns call {call_id}, did not answer within "
-                                    f"{self.command_timeout_s:g} s (cluster.command_timeout_s)")
-        answer = json.loads(got[1])
-        return int(answer["status"]), answer["body"]
+            raise _Unanswered(f"did not answer within {self.command_timeout_s:g} s (cluster.command_timeout_s)")
+        answer: dict[str, Any] = json.loads(got[1])
+        return answer
 
     async def _command_loop(self) -> None:
         pubsub = self.redis.pubsub()
@@ -377,7 +497,10 @@ class ClusterNode:
         request = json.loads(text)
         if time.time() > float(request["deadline"]):
             return  # the requester has given up (504): running it now would surprise everyone
-        if self._executor is None:
+        if "live" in request:
+            ids = [i for i in request["live"] if isinstance(i, str)]
+            status, body = 200, self._live_view(ids) if self._live_view is not None else {}
+        elif self._executor is None:
             status, body = 503, {"detail": f"bridge node {self.node_id} has no API to run commands"}
         else:
             status, body = await self._executor(request["method"], request["path"], request["body"])
@@ -388,9 +511,28 @@ class ClusterNode:
             await pipe.execute()
 
     async def hooks_changed(self) -> None:
-        """A subscription was created or deleted here: the other nodes reload theirs."""
+        """A subscription was created or deleted here (and stored): bump ``hooks-version`` before
+        the API answers, so every node reloads before handing on any later event; the pub/sub
+        message makes the others reload at once."""
         async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+            version = int(await self.redis.incr(KEY + "hooks-version"))
+            if version == self._hooks_seen + 1:  # no other change in between: this node has them all
+                self._hooks_seen = version
             await self.redis.publish(KEY + "hooks", self.node_id)
+
+    async def _hooks_current(self) -> None:
+        """Before handing on events: reload the subscriptions if one changed since the last load
+        (a creation answered before these events were published is then included)."""
+        if self._webhooks is None:
+            return
+        try:
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                version = int(await self.redis.get(KEY + "hooks-version") or 0)
+                if version > self._hooks_seen:
+                    await self._webhooks.sync()
+                    self._hooks_seen = max(self._hooks_seen, version)
+        except Exception as exc:  # noqa: BLE001 - deliver to the subscriptions known; retried next batch
+            log.warning("cluster: cannot reload the webhook subscriptions (%s: %s)", type(exc).__name__, exc)
 
     # ------------------------------------------------------------------ events
 
@@ -447,6 +589,7 @@ class ClusterNode:
     async def _hand_to_webhooks(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         if not entries:
             return
+        await self._hooks_current()
         for _entry_id, fields in entries:
             if self._webhooks is not None and fields:
                 self._webhooks.offer(_event_from_json(fields["event"]))

@@ -32,8 +32,10 @@ WEBHOOK_BACKOFF_BASE_S = 2.0
 
 class EventHub:
     def __init__(self, config: Config, supervisor: Supervisor, bus: EventBus | None = None, *,
-                 webhooks_from_bus: bool = True) -> None:
+                 webhooks_from_bus: bool = True, node: str | None = None) -> None:
         self.config = config
+        #: This bridge's cluster node id (stamped on its calls in a shared history), or None.
+        self.node = node
         #: False in a cluster: the webhooks are fed from the shared stream (bridge/cluster.py), so
         #: each event goes out once across the nodes.
         self.webhooks_from_bus = webhooks_from_bus
@@ -52,7 +54,8 @@ class EventHub:
             from .store_pg import PostgresCallStore  # asyncpg: the 'cluster' extra, imported only when used
 
             self.store = PostgresCallStore(cfg.store.postgres_url.get_secret_value(), cfg.store.redact_args,
-                                           retention_days=cfg.store.retention_days, supervisor=self.supervisor)
+                                           retention_days=cfg.store.retention_days, supervisor=self.supervisor,
+                                           node=self.node)
         else:
             self.store = CallStore(cfg.store.path, cfg.store.redact_args, retention_days=cfg.store.retention_days,
                                    supervisor=self.supervisor)

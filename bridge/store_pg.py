@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
     id TEXT PRIMARY KEY, url TEXT NOT NULL, events TEXT NOT NULL DEFAULT '[]', secret TEXT NOT NULL,
     description TEXT, created_at DOUBLE PRECISION NOT NULL, n BIGSERIAL
 );
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS node TEXT;
 """
 
 _CALL_COLUMNS = ("call_id, state, direction, profile, caller, called, channel, started_at, ended_at, "
@@ -97,8 +98,11 @@ class PostgresCallStore:
     """The call history and webhook subscriptions, in PostgreSQL. ``await start()`` … ``close()``."""
 
     def __init__(self, url: str, redact_args: Iterable[str] = (), *, queue_max: int = QUEUE_MAX,
-                 retention_days: float | None = None, supervisor: Supervisor | None = None) -> None:
+                 retention_days: float | None = None, supervisor: Supervisor | None = None,
+                 node: str | None = None) -> None:
         self._url = url
+        #: This bridge's cluster node id, written on the calls it owns (the start-up sweep's key).
+        self.node = node
         self._redact = frozenset(n.lower() for n in redact_args)
         self.retention_days = retention_days
         self._supervisor = supervisor if supervisor is not None else Supervisor()
@@ -244,10 +248,10 @@ class PostgresCallStore:
 
     async def _apply(self, c: Any, item: Event | _Dialing) -> None:
         if isinstance(item, _Dialing):
-            await c.execute("INSERT INTO calls (call_id, state, direction, profile, called, started_at, metadata) "
-                            "VALUES ($1, 'dialing', $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            await c.execute("INSERT INTO calls (call_id, state, direction, profile, called, started_at, metadata, "
+                            "node) VALUES ($1, 'dialing', $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
                             item.call_id, item.direction, item.profile, item.destination, item.ts,
-                            _json(item.metadata))
+                            _json(item.metadata), self.node)
             return
         d = item.data
         cid = item.call_id
@@ -258,8 +262,9 @@ class PostgresCallStore:
             variables = d.get("variables")
             await c.execute(
                 "INSERT INTO calls (call_id, state, direction, profile, caller, caller_name, called, channel, "
-                "started_at, metadata, variables) VALUES ($1, 'connecting', $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-                "ON CONFLICT (call_id) DO UPDATE SET "
+                "started_at, metadata, variables, node) "
+                "VALUES ($1, 'connecting', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT (call_id) DO UPDATE SET node = excluded.node, "
                 "state = CASE WHEN calls.state = 'dialing' THEN 'connecting' ELSE calls.state END, "
                 "direction = COALESCE(excluded.direction, calls.direction), "
                 "profile = COALESCE(excluded.profile, calls.profile), "
@@ -271,7 +276,7 @@ class PostgresCallStore:
                 "variables = excluded.variables",
                 cid, _str(d.get("direction")), profile, _str(d.get("caller")), _str(d.get("caller_name")),
                 _str(d.get("called")), _str(d.get("channel")), item.ts, meta_json,
-                _json(variables if isinstance(variables, dict) else {}))
+                _json(variables if isinstance(variables, dict) else {}), self.node)
             return
         await c.execute("INSERT INTO calls (call_id, state, direction, profile, called, started_at, metadata) "
                         "VALUES ($1, 'connecting', $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -438,6 +443,29 @@ class PostgresCallStore:
             "metadata": _loads(r[11], {}), "transcript": transcripts[r[0]], "tools": tools[r[0]],
             "hooks": hooks[r[0]],
         } for r in rows]
+
+    # ------------------------------------------------------------------ the start-up sweep (bridge/cluster.py)
+
+    async def unfinished_calls(self) -> list[tuple[str, str | None]]:
+        """Every call the history still shows in progress, with the node that owned it (None:
+        written before nodes were recorded, or by a bridge outside a cluster)."""
+        async with self._require().acquire() as c:
+            rows = await c.fetch("SELECT call_id, node FROM calls WHERE state NOT IN ($1, $2)", *TERMINAL_STATES)
+        return [(r[0], r[1]) for r in rows]
+
+    async def fail_unfinished(self, reasons: dict[str, str]) -> list[str]:
+        """Mark each call of ``reasons`` (call id → end reason) failed if it is still in progress;
+        return those this call changed. Exactly once across nodes sweeping together: a second
+        UPDATE waits for the first one's row lock, then re-reads the state and skips the row."""
+        if not reasons:
+            return []
+        async with self._require().acquire() as c:
+            rows = await c.fetch(
+                "UPDATE calls SET state = 'failed', end_reason = r.reason, ended_at = COALESCE(ended_at, $3) "
+                "FROM unnest($1::text[], $2::text[]) AS r(call_id, reason) "
+                "WHERE calls.call_id = r.call_id AND calls.state NOT IN ($4, $5) RETURNING calls.call_id",
+                list(reasons), list(reasons.values()), time.time(), *TERMINAL_STATES)
+        return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ webhook subscriptions
 

@@ -235,7 +235,8 @@ def start_node(name: str, cfg: dict[str, Any], work: Path) -> Node:
 
     def up() -> bool:
         r = httpx.get(f"{api}/v1/health", timeout=1)
-        return r.status_code == 200 and r.json()["node"] == name and r.json()["ami_connected"]
+        return (r.status_code == 200 and r.json()["node"] == name
+                and (r.json()["ami_connected"] or not cfg["ami"]["enabled"]))
 
     try:
         _wait(up, f"bridge {name}", proc, log)

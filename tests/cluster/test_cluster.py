@@ -258,6 +258,8 @@ async def test_kill_9_of_a_node_marks_its_calls_failed_within_seconds_once(
             assert failed["end_reason"] == "node-lost"
         took = time.monotonic() - killed
         assert took < NODE_TIMEOUT_S + 4 * HEARTBEAT_S + 3, f"marked failed after {took:.1f} s"
+        print(f"\nkill -9 -> its calls failed in the shared history after {took:.2f} s "
+              f"(node_timeout_s {NODE_TIMEOUT_S:g}, heartbeat_s {HEARTBEAT_S:g})")
         got: list[dict[str, Any]] = []
         for _ in ids:
             got.append((await receiver.next("/hook", WAIT)).event)
