@@ -659,13 +659,13 @@ def create_app(bridge: Bridge) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     streams = _StreamSlots(MAX_EVENT_STREAMS)
 
-    async def on_owner(call_id: str, path: str, body: Any = None) -> dict[str, Any] | None:
+    async def on_owner(call_id: str, path: str, body: Any = None, method: str = "POST") -> dict[str, Any] | None:
         """In a cluster, a call another node owns: that node runs the command and this returns
         ITS answer (or raises its error); None when the call is not elsewhere."""
         if call_id in bridge.sessions:
             return None
         try:
-            answer = await bridge.router.forward(call_id, "POST", path, body)
+            answer = await bridge.router.forward(call_id, method, path, body)
         except CommandUnanswered as exc:
             raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from None
         if answer is None:
@@ -839,7 +839,11 @@ def create_app(bridge: Bridge) -> FastAPI:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"call {call_id} {gone}")
         return session
 
-    def command(call_id: str, name: str, run: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
+    async def command(call_id: str, name: str, run: Callable[[Any], dict[str, Any] | None], *,
+                      path: str, body: Any = None, method: str = "POST") -> dict[str, Any]:
+        # In a cluster, the node that owns the call carries the command out and answers.
+        if (remote := await on_owner(call_id, f"/v1/calls/{call_id}/{path}", body, method)) is not None:
+            return remote
         session = commandable(call_id)
         try:
             extra = run(session) or {}
@@ -852,32 +856,35 @@ def create_app(bridge: Bridge) -> FastAPI:
     @app.post("/v1/calls/{call_id}/context")
     async def add_context(call_id: CallId, body: CommandText) -> dict[str, Any]:
         """Add instructions or facts to the live conversation (capability ``context``)."""
-        return command(call_id, "context", lambda s: s.add_context(body.text))
+        return await command(call_id, "context", lambda s: s.add_context(body.text), path="context",
+                             body=body.model_dump())
 
     @app.post("/v1/calls/{call_id}/say")
     async def say(call_id: CallId, body: CommandText) -> dict[str, Any]:
         """Make the AI say ``text`` now (capability ``say``)."""
-        return command(call_id, "say", lambda s: s.say(body.text))
+        return await command(call_id, "say", lambda s: s.say(body.text), path="say", body=body.model_dump())
 
     @app.put("/v1/calls/{call_id}/tools")
     async def set_tools(call_id: CallId, body: ToolsIn) -> dict[str, Any]:
         """Replace the tools the AI may call, among those its profile offered (capability ``tools``)."""
-        return command(call_id, "tools", lambda s: {"tools": s.set_tools(list(body.tools))})
+        return await command(call_id, "tools", lambda s: {"tools": s.set_tools(list(body.tools))}, path="tools",
+                             body=body.model_dump(), method="PUT")
 
     @app.post("/v1/calls/{call_id}/mute")
     async def mute(call_id: CallId) -> dict[str, Any]:
         """Send silence to the AI instead of the caller's audio (every call)."""
-        return command(call_id, "mute", lambda s: {"muted": True, "changed": s.mute()})
+        return await command(call_id, "mute", lambda s: {"muted": True, "changed": s.mute()}, path="mute")
 
     @app.post("/v1/calls/{call_id}/unmute")
     async def unmute(call_id: CallId) -> dict[str, Any]:
         """Send the caller's audio to the AI again (every call)."""
-        return command(call_id, "unmute", lambda s: {"muted": False, "changed": s.unmute()})
+        return await command(call_id, "unmute", lambda s: {"muted": False, "changed": s.unmute()}, path="unmute")
 
     @app.post("/v1/calls/{call_id}/tags")
     async def tag(call_id: CallId, body: TagsIn) -> dict[str, Any]:
         """Merge ``tags`` into the call's metadata, carried on every later event (every call)."""
-        return command(call_id, "tag", lambda s: {"metadata": s.add_tags(dict(body.tags))})
+        return await command(call_id, "tag", lambda s: {"metadata": s.add_tags(dict(body.tags))}, path="tags",
+                             body=body.model_dump())
 
     # -- webhooks (the n8n trigger node's lifecycle)
 

@@ -324,8 +324,10 @@ class PostgresCallStore:
         elif item.type == "call.ended":
             await c.execute("UPDATE calls SET state = CASE WHEN state = 'failed' THEN 'failed' ELSE 'ended' END, "
                             "ended_at = $1, duration_s = $2, end_reason = COALESCE($3, end_reason), "
-                            "profile = COALESCE($4, profile) WHERE call_id = $5",
-                            item.ts, _num(d.get("duration_s")), _str(d.get("reason")), profile, cid)
+                            "profile = COALESCE($4, profile), "
+                            # the final metadata: tags added mid-call (the API's tags command) are kept
+                            "metadata = CASE WHEN $6 = '{}' THEN metadata ELSE $6 END WHERE call_id = $5",
+                            item.ts, _num(d.get("duration_s")), _str(d.get("reason")), profile, cid, meta_json)
             await self._reconcile_transcript(c, cid, d.get("transcript"))
 
     @staticmethod

@@ -85,12 +85,26 @@ async def test_a_command_sent_to_any_node_runs_on_the_node_that_owns_the_call(cl
             # Validation still happens at the edge: B is never asked.
             r = await api.post(f"/v1/calls/{call_id}/dtmf", json={"digits": "x"})
             assert r.status_code == 422
+            # Mid-call commands too: B mutes and tags its call; B's backend (AillomVox) cannot "say",
+            # and B's 409 names it.
+            await until(lambda: active_on(b, call_id), "the call is answered on node B")
+            r = await api.post(f"/v1/calls/{call_id}/mute")
+            assert r.status_code == 200 and r.json()["muted"] is True, r.text
+            r = await api.post(f"/v1/calls/{call_id}/tags", json={"tags": {"tier": "vip"}})
+            assert r.status_code == 200 and r.json()["metadata"]["tier"] == "vip", r.text
+            r = await api.post(f"/v1/calls/{call_id}/say", json={"text": "hello"})
+            assert r.status_code == 409 and "aillomvox" in r.json()["detail"], r.text
+            r = await api.put(f"/v1/calls/{call_id}/tools", json={"tools": ["no-such-tool"]})
+            assert r.status_code in (409, 422), r.text  # B's answer (its backend, or the unknown name)
+            info = await live_on(b, call_id)
+            assert info is not None and info["muted"] is True  # it happened on B
             r = await api.post(f"/v1/calls/{call_id}/hangup")
             assert r.status_code == 200, r.text
             assert r.json() == {"call_id": call_id, "state": "ending"}
         await asyncio.wait_for(leg.ended.wait(), WAIT)
     ended = await until(lambda: history(c, call_id, "ended"), "node C's history shows the call ended")
     assert ended["end_reason"] == "api-hangup"
+    assert ended["metadata"].get("tier") == "vip"  # the tag added mid-call, kept in the shared history
     async with a.client() as api:  # a call no node owns: A's own answer
         r = await api.post(f"/v1/calls/{uuid.uuid4()}/hangup")
         assert r.status_code == 404
