@@ -860,12 +860,19 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         return [c for c in COMMANDS if c in BRIDGE_COMMANDS or c in own]
 
     def _live_gateway(self, command: str) -> Gateway:
-        gw = self.gateway
-        if self._fsm.state in FINISHING or self._fsm.state is CallState.DRAINING:
-            raise CommandUnavailable(f"call {self.call_id} is ending: '{command}' is no longer possible")
-        if gw is None:
-            raise CommandUnavailable(f"call {self.call_id} is still connecting to its AI backend: "
-                                     f"'{command}' is possible once it has answered")
+        """The call's gateway if ``command`` can reach a live AI now: only while ACTIVE. While
+        FALLING_BACK the gateway object may still be set but its connection has failed, so a
+        command there would be accepted and do nothing; every other state says which it is."""
+        gw, state = self.gateway, self._fsm.state
+        if state in FINISHING or state is CallState.DRAINING:
+            raise CommandUnavailable(f"call {self.call_id} is ending (state {state.value}): "
+                                     f"'{command}' is no longer possible")
+        if state is CallState.FALLING_BACK:
+            raise CommandUnavailable(f"call {self.call_id} is falling back (state {state.value}): its AI "
+                                     f"backend failed, so '{command}' is no longer possible")
+        if gw is None or state is not CallState.ACTIVE:
+            raise CommandUnavailable(f"call {self.call_id} is still connecting to its AI backend "
+                                     f"(state {state.value}): '{command}' is possible once it has answered")
         if command not in gw.capabilities:
             raise CommandUnsupported(gw.protocol_name, command)
         return gw
