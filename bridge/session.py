@@ -228,7 +228,6 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: snapshot that describes them; set once the gateway is being connected.
         self._offerable: list[str] = []
         self._tool_snapshot: ToolRegistry | None = None
-        self._dtmf_tools: list[str] = []
         #: The silence watchdog (profile ``silence``) and, without a local VAD, its energy gate.
         self._silence: SilenceWatchdog | None = None
         self._gate: EnergyGate | None = None
@@ -382,10 +381,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
         gateway.playout_position = lambda: self.playout.consumed_s
         self._offerable, self._tool_snapshot = offered, tools
-        self._dtmf_tools = [a.tool for a in profile.dtmf.values()]
         self.router = ToolRouter(
             tools, self, gateway.send_tool_result,
-            allowed=offered + [a.tool for a in profile.dtmf.values()],
+            allowed=offered, local_allowed=[a.tool for a in profile.dtmf.values()],
             deadline=services.config.tool_deadline, max_concurrent=services.config.tool_concurrency,
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
@@ -889,7 +887,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
 
     def set_tools(self, names: list[str], origin: str = "api") -> list[str]:
         """Replace the tools the AI may call with ``names`` (a subset of what the profile offered
-        this call). Raises ValueError naming unknown tools. DTMF shortcuts keep their tools."""
+        this call). Raises ValueError naming unknown tools. DTMF shortcuts keep their tools (the
+        router allows them separately: the AI cannot call them unless it was offered them)."""
         gw = self._live_gateway("tools")
         unknown = [n for n in names if n not in self._offerable]
         if unknown:
@@ -899,7 +898,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         chosen = list(dict.fromkeys(names))
         assert self._tool_snapshot is not None and self.router is not None
         gw.set_tools(self._tool_snapshot.specs(chosen))
-        self.router.set_allowed(chosen + self._dtmf_tools)
+        self.router.set_allowed(chosen)
         self._publish("call.tools", self.call_id, tools=chosen, origin=origin)
         return chosen
 

@@ -7,6 +7,7 @@ in the call's events.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -459,4 +460,26 @@ async def test_ai_commands_answer_409_naming_the_state_while_ending(make_rig):
     await _wait_state(rig, call_id, "draining")
     await _all_refused(rig, call_id, "is ending (state draining)")
     caller.hangup()
+    await rig.event("call.ended")
+
+
+async def test_the_ai_cannot_call_a_dtmf_shortcuts_tool_it_was_not_offered(make_rig):
+    """DTMF shortcuts and the AI have separate allowances: ``PUT /tools`` narrows only the AI's, the
+    AI's unknown-tool error names only what it was offered, and the key on the phone still works."""
+    rig = await make_rig("openai-realtime", profile={"tools": ["lookup"], "dtmf": {"#": {"tool": "end_call"}}})
+    caller, session, call_id = await make_rig.dial(rig)
+    refused = json.loads(await session.call_tool("end_call", {"reason": "done"}))
+    assert "unknown tool 'end_call'" in refused["error"] and refused["error"].endswith("available: lookup")
+    r = await rig.client.put(f"/v1/calls/{call_id}/tools", json={"tools": []})
+    assert r.status_code == 200
+    for args in ({"reason": "done"}, {}):
+        refused = json.loads(await session.call_tool("end_call", args))
+        assert refused["error"] == "unknown tool 'end_call'; available: none", refused
+    refused = json.loads(await session.call_tool("lookup", {"q": 1}))
+    assert refused["error"] == "unknown tool 'lookup'; available: none", refused
+    await asyncio.sleep(0.3)
+    assert call_id in rig.bridge.sessions and rig.bridge.sessions[call_id].end_reason is None  # nothing ran
+    caller.send_dtmf("#")
+    done = await rig.event("tool.completed", origin="dtmf")
+    assert done.data["tool"] == "end_call" and done.data["outcome"] == "ok"
     await rig.event("call.ended")
