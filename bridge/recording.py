@@ -8,10 +8,17 @@ from the dialplan, an API call, ``voxbridge dial``) and needs no AMI ``MixMonito
   :meth:`CallRecorder.tick` from ``CallSession.on_tick``.
 
 **Time alignment.** The playout clock is the recording's clock: every tick adds exactly one
-stereo frame, its right channel the frame the caller was sent, its left the oldest caller frame
-that arrived since (silence if none did). Caller frames arriving in a burst wait in a short
-queue (``JITTER_FRAMES``; beyond it the oldest is dropped and counted: a caller sending faster
-than real time is not a telephone). At the end the recording is padded or cut to the call's
+stereo frame, its right channel the frame the caller was sent, its left the next frame's worth
+(20 ms) of the caller's audio, kept as a byte stream (silence if less than a frame is waiting).
+A byte stream because legs do not all send 20 ms: a 40 ms chunk is two ticks' worth, not one
+frame with its second half cut off. Caller audio arriving in a burst waits, at most
+``JITTER_FRAMES`` (beyond, the oldest is dropped and counted: a caller sending faster than real
+time is not a telephone). A burst would otherwise leave a standing backlog, and every later
+caller frame would be recorded that much late for the rest of the call; so when the backlog has
+stayed above one frame for a whole ``DRIFT_WINDOW_FRAMES`` window, the oldest audio is dropped
+down to the least the window needed (``caller_dropped`` counts it). Normal jitter (a 40 ms
+chunk every other tick) brings the backlog to a frame or less within any window and loses
+nothing. At the end the recording is padded or cut to the call's
 duration as ``call.ended`` reports it, so a tick the loaded machine skipped does not shorten it:
 the WAV is as long as the call, to the sample.
 
@@ -31,7 +38,6 @@ totals are reported in ``/v1/health`` (``recordings``).
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import os
@@ -50,6 +56,8 @@ log = logging.getLogger("voxbridge.recording")
 FLUSH_FRAMES = 250
 #: Caller frames that may wait for their tick (a burst from the network); beyond, oldest dropped.
 JITTER_FRAMES = 10
+#: Ticks over which a standing caller backlog is measured before it is dropped (200 ms).
+DRIFT_WINDOW_FRAMES = 10
 #: A recording's file name: the call's id, as the API names the call (path-safe characters only).
 _SAFE_ID = re.compile(r"[0-9A-Za-z_.-]{1,128}")
 #: How long ``GET /v1/calls/{id}/recording`` waits for a just-ended call's file to be completed.
@@ -83,7 +91,11 @@ class CallRecorder:
         self._owner = owner
         self._frame_bytes = rate // 50 * 2
         self._silence = bytes(self._frame_bytes)
-        self._caller: collections.deque[bytes] = collections.deque()
+        #: The caller's audio not yet recorded, as one byte stream (re-cut into frames per tick).
+        self._caller = bytearray()
+        #: The smallest backlog left after a tick in this drift window, and the ticks in it.
+        self._backlog_min: int | None = None
+        self._window_ticks = 0
         self._left: list[bytes] = []
         self._right: list[bytes] = []
         self._flushed = False
@@ -91,7 +103,7 @@ class CallRecorder:
         self._finished = False  # close() was called
         #: Frames written (ticks, plus the silence for the ticks before the recording opened).
         self.frames = 0
-        #: Caller frames dropped because more than JITTER_FRAMES waited for a tick.
+        #: Caller frames' worth of audio dropped: beyond JITTER_FRAMES, or a standing backlog.
         self.caller_dropped = 0
         self._writer: wave.Wave_write | None = None
         self._samples = 0  # stereo samples in the file (writer thread)
@@ -107,20 +119,43 @@ class CallRecorder:
     # -- the media path (event loop): appends only
 
     def caller(self, pcm: bytes) -> None:
-        """A frame from the caller (any length; re-cut to frames when written)."""
-        q = self._caller
-        if len(q) >= JITTER_FRAMES:
-            q.popleft()
-            self.caller_dropped += 1
-        q.append(pcm)
+        """Audio from the caller, any length (a 20 ms frame, a 40 ms chunk…): one append."""
+        buf = self._caller
+        buf += pcm
+        excess = len(buf) - JITTER_FRAMES * self._frame_bytes
+        if excess > 0:
+            excess += excess & 1  # whole 16-bit samples
+            del buf[:excess]
+            self.caller_dropped += -(-excess // self._frame_bytes)
 
     def tick(self, frame: bytes) -> None:
         """The frame the caller was sent on this tick: one stereo frame is recorded."""
+        n, buf = self._frame_bytes, self._caller
         self._right.append(frame)
-        self._left.append(self._caller.popleft() if self._caller else self._silence)
+        if len(buf) >= n:
+            self._left.append(bytes(buf[:n]))
+            del buf[:n]
+        else:  # less than a frame waiting: it goes out with the next tick's
+            self._left.append(self._silence)
+        self._track_backlog(len(buf))
         self.frames += 1
         if len(self._right) >= FLUSH_FRAMES:
             self._flush()
+
+    def _track_backlog(self, backlog: int) -> None:
+        """Drop a standing backlog (see the module doc): the least left after any tick of a window
+        is audio that was never needed to cover jitter, only to make the caller's channel late."""
+        low = self._backlog_min
+        self._backlog_min = backlog if low is None or backlog < low else low
+        self._window_ticks += 1
+        if self._window_ticks < DRIFT_WINDOW_FRAMES:
+            return
+        standing = self._backlog_min
+        self._backlog_min, self._window_ticks = None, 0
+        if standing > self._frame_bytes:
+            standing -= standing & 1
+            del self._caller[:standing]
+            self.caller_dropped += standing // self._frame_bytes
 
     def rate_changed(self, rate: int) -> None:
         """The caller's leg changed rate (AudioSocket: told by its first audio frame). Before
@@ -137,6 +172,7 @@ class CallRecorder:
         self.rate, self._frame_bytes = rate, rate // 50 * 2
         self._silence = bytes(self._frame_bytes)
         self._caller.clear()
+        self._backlog_min, self._window_ticks = None, 0
         self._left, self._right, self.frames = [], [], 0
         self._pad(frames)
 
@@ -187,8 +223,9 @@ class CallRecorder:
             self._writer = None
 
     def _fit(self, frames: list[bytes]) -> bytes:
-        """Frames of any length joined, each cut or padded to exactly one frame: a short or long
-        frame never shifts the rest of the recording out of line."""
+        """Frames joined, each cut or padded to exactly one frame: a short or long frame never
+        shifts the rest of the recording out of line. (The caller's are already re-cut from its
+        byte stream; this guards the AI's side, which is one playout frame per tick.)"""
         n = self._frame_bytes
         return b"".join(f[:n] if len(f) >= n else f + bytes(n - len(f)) for f in frames)
 

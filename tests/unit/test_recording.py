@@ -1,0 +1,94 @@
+"""The recorder's time alignment (bridge/recording.py's CallRecorder), tick by tick: the caller's
+audio re-cut into the playout clock's frames, a burst's backlog not left standing, the WAV as long
+as the call. Each caller sample carries its own index, so the test can see where every one landed.
+"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge.recording import DRIFT_WINDOW_FRAMES, Recordings
+
+RATE = 8000
+FRAME = RATE // 50  # samples per 20 ms tick
+
+
+def frame_of(value: int, samples: int = FRAME) -> bytes:
+    return np.full(samples, value, "<i2").tobytes()
+
+
+def read_stereo(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert w.getnchannels() == 2 and w.getframerate() == RATE
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        return data[0::2], data[1::2], w.getnframes()
+
+
+@pytest.fixture
+async def recordings(tmp_path):
+    rec = Recordings(tmp_path, max_total_bytes=10**9, retention_days=None)
+    await rec.start()
+    yield rec
+    await rec.close()
+
+
+async def test_a_burst_does_not_leave_the_caller_channel_late(recordings):
+    """Eight frames at once (a network burst), then one per tick: after a drift window the caller's
+    frame k is recorded within one frame of the tick it arrived on, next to the AI's frame of it."""
+    rec = recordings.open("burst", RATE)
+    for k in range(8):
+        rec.caller(frame_of(1 + k))  # the burst: caller frames 1..8
+    ticks = 60
+    for t in range(ticks):
+        rec.caller(frame_of(100 + t))  # arrives on tick t
+        rec.tick(frame_of(-100 - t))  # the AI's frame of tick t
+    rec.close(ticks * 0.02)
+    await rec.done
+    left, right, n = read_stereo(rec.path)
+    assert n == ticks * FRAME
+    lefts = [int(left[t * FRAME]) for t in range(ticks)]
+    assert [int(right[t * FRAME]) for t in range(ticks)] == [-100 - t for t in range(ticks)]
+    for t in range(2 * DRIFT_WINDOW_FRAMES, ticks):
+        arrived = lefts[t] - 100
+        assert lefts[t] >= 100 and abs(arrived - t) <= 1, (t, lefts[t - 3:t + 3])
+    assert rec.caller_dropped >= 6
+
+
+@pytest.mark.parametrize("chunk_frames", [2, 3])
+async def test_40_and_60_ms_chunks_are_recut_not_truncated(recordings, chunk_frames):
+    """A leg sending 40 ms (or 60 ms) once per two (three) ticks: every caller sample is in the
+    WAV, in order, none dropped: a chunk is re-cut into frames, not cut to its first 20 ms."""
+    rec = recordings.open(f"chunky-{chunk_frames}", RATE)
+    size = chunk_frames * FRAME
+    ramp = (np.arange(1, 40 * size + 1) % 30000).astype("<i2")
+    chunks = [ramp[i * size:(i + 1) * size].tobytes() for i in range(40)]
+    ticks = 40 * chunk_frames + 4
+    for t in range(ticks):
+        if t % chunk_frames == 0 and t // chunk_frames < len(chunks):
+            rec.caller(chunks[t // chunk_frames])
+        rec.tick(frame_of(0))
+    rec.close(ticks * 0.02)
+    await rec.done
+    left, _right, n = read_stereo(rec.path)
+    assert rec.caller_dropped == 0 and n == ticks * FRAME
+    sent = np.frombuffer(b"".join(chunks), "<i2")
+    assert np.array_equal(left[:sent.size], sent)  # from the first tick on, nothing late or lost
+    assert not left[sent.size:].any()
+
+
+@pytest.mark.parametrize("duration", [0.5, 1.234, 3.0])
+async def test_the_wav_is_as_long_as_the_call(recordings, duration):
+    """Fewer ticks than the call lasted (a loaded machine skipped some), or more: the file is cut
+    or padded to the call's duration as call.ended reports it."""
+    rec = recordings.open(f"len-{duration}", RATE)
+    for t in range(100):
+        rec.caller(frame_of(5))
+        rec.tick(frame_of(7))
+    rec.close(duration)
+    await rec.done
+    _left, _right, n = read_stereo(rec.path)
+    assert abs(n - duration * RATE) < FRAME
