@@ -29,10 +29,15 @@ written at the start and completed at the end (``wave``). Nothing touches the di
 loop.
 
 **Disk.** :class:`Recordings` owns the directory (``recordings.path``): recordings of calls that
-ended more than ``store.retention_days`` ago are deleted (the history's retention), and when the
-total passes ``recordings.max_total_mb`` the oldest finished recordings are deleted until it fits.
-Both run on the writer thread after each recording is finished and when the bridge starts. The
-totals are reported in ``/v1/health`` (``recordings``).
+ended more than ``store.retention_days`` ago are deleted (the history's retention), and the total,
+recordings being written included, stays within ``recordings.max_total_mb``. Every chunk written
+is checked against it: when it would not fit, the oldest finished recordings are deleted until
+it does; when even that is not enough (the calls recording now fill the bound), the chunk is cut
+to what fits and that call's recording stops there, its file completed as it is (a valid, shorter
+WAV that its ``call.ended`` link still serves) and a warning logged. The recording just finished
+is never the one deleted to make room, so ``call.ended`` never links to a file its own call
+removed. The passes run on the writer thread (after each recording is finished, when the bridge
+starts, and when a chunk needs room). The totals are reported in ``/v1/health`` (``recordings``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ DRIFT_WINDOW_FRAMES = 10
 _SAFE_ID = re.compile(r"[0-9A-Za-z_.-]{1,128}")
 #: How long ``GET /v1/calls/{id}/recording`` waits for a just-ended call's file to be completed.
 FINISH_WAIT_S = 10.0
+#: The bytes of a WAV file's header (``wave`` writes the canonical 44-byte RIFF header).
+WAV_HEADER_BYTES = 44
 
 
 def recording_name(call_id: str) -> str | None:
@@ -107,6 +114,8 @@ class CallRecorder:
         self.caller_dropped = 0
         self._writer: wave.Wave_write | None = None
         self._samples = 0  # stereo samples in the file (writer thread)
+        #: Set (writer thread) when the disk bound stopped this recording: the file is complete.
+        self.stopped_full = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pad(pad_frames)
 
@@ -202,7 +211,14 @@ class CallRecorder:
 
     # -- the writer thread
 
+    @property
+    def bytes_on_disk(self) -> int:
+        """The file's size as written so far (writer thread)."""
+        return WAV_HEADER_BYTES + self._samples * 4
+
     def _write(self, left: list[bytes], right: list[bytes], final: bool, total_samples: int | None) -> None:
+        if self.stopped_full:  # the disk bound completed the file already: it stays as it is
+            return
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             w = wave.open(str(self.path), "wb")  # noqa: SIM115 - open across chunks, closed by the last
@@ -210,17 +226,29 @@ class CallRecorder:
             w.setsampwidth(2)
             w.setframerate(self.rate)
             self._writer = w
+            self._owner.writing(self, True)
         w = self._writer
         data = interleave(self._fit(left), self._fit(right)) if left else b""
         if total_samples is not None:  # the last chunk: exactly the call's length
             data = data[:max(0, total_samples - self._samples) * 4]
             data += bytes(max(0, total_samples - self._samples - len(data) // 4) * 4)
+        full = False
+        if data and len(data) > (room := self._owner.room(len(data))):
+            data, full = data[:max(0, room) // 4 * 4], True
         if data:
             w.writeframesraw(data)
             self._samples += len(data) // 4
-        if final:
+        if final or full:
             w.close()  # writes the header's final sizes
             self._writer = None
+            self._owner.writing(self, False)
+        if full:
+            self.stopped_full = True
+            self._owner.stopped_full += 1
+            self._closed = True  # the event loop's next flush discards its frames
+            self._owner.log_problem(self, f"recordings.max_total_mb ({self._owner.max_total_bytes} bytes) reached: "
+                                          f"recording stopped after {self._samples / self.rate:.2f} s, "
+                                          "the file kept as it is")
 
     def _fit(self, frames: list[bytes]) -> bytes:
         """Frames joined, each cut or padded to exactly one frame: a short or long frame never
@@ -240,8 +268,13 @@ class Recordings:
         self.retention_days = retention_days
         self._now = now
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxbridge-recording")
+        self._shut = False  # close() has begun shutting the writer thread down
         self._open: dict[str, CallRecorder] = {}
         self._finishing: dict[str, asyncio.Future[None]] = {}
+        #: Recordings whose file is open for writing (writer thread only): counted in the total.
+        self._writing: dict[str, CallRecorder] = {}
+        #: Recordings the disk bound stopped early.
+        self.stopped_full = 0
         #: Reported in /v1/health (updated by the writer thread after each pass).
         self.total_bytes = 0
         self.files = 0
@@ -259,17 +292,20 @@ class Recordings:
         await asyncio.wrap_future(self._executor.submit(self._enforce))
 
     async def close(self) -> None:
-        """Finish every recording still open (a bridge stopping ends its calls first)."""
+        """Finish every recording still open (a bridge stopping ends its calls first). The writer
+        thread is joined in a thread of its own: a slow disk must not stall the event loop."""
         for rec in list(self._open.values()):
             rec.close(None)
         if self._finishing:
             await asyncio.wait(list(self._finishing.values()), timeout=FINISH_WAIT_S)
-        self._executor.shutdown(wait=True)
+        self._shut = True
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     def health(self) -> dict[str, Any]:
-        return {"path": str(self.path), "files": self.files, "total_bytes": self.total_bytes,
+        writing = sum(r.bytes_on_disk for r in list(self._writing.values()))
+        return {"path": str(self.path), "files": self.files, "total_bytes": self.total_bytes + writing,
                 "max_total_bytes": self.max_total_bytes, "removed": self.removed, "errors": self.errors,
-                "recording": len(self._open)}
+                "recording": len(self._open), "stopped_full": self.stopped_full}
 
     # -- recorders
 
@@ -303,7 +339,9 @@ class Recordings:
             self._finishing.pop(rec.call_id, None)
             if not rec.done.done():
                 rec.done.set_result(None)
-            self._executor.submit(self._enforce)
+            if self._shut:  # the bridge is stopping: the next start bounds the directory
+                return
+            self._executor.submit(self._enforce, rec.path.name)
 
         afut.add_done_callback(finished)
 
@@ -333,10 +371,31 @@ class Recordings:
 
     # -- disk bounds (writer thread)
 
-    def _enforce(self) -> None:
-        """Delete recordings past retention, then the oldest until the total fits."""
+    def writing(self, rec: CallRecorder, is_open: bool) -> None:
+        """``rec``'s file was opened (True) or completed (False) on the writer thread."""
+        if is_open:
+            self._writing[rec.call_id] = rec
+        else:
+            self._writing.pop(rec.call_id, None)
+
+    def room(self, need: int) -> int:
+        """Bytes a recording being written may still add: the bound less the finished recordings
+        and every file being written. Short of ``need``, the oldest finished recordings are
+        deleted first (:meth:`_enforce`)."""
+        def free() -> int:
+            return self.max_total_bytes - self.total_bytes - sum(r.bytes_on_disk for r in self._writing.values())
+        if (left := free()) >= need:
+            return left
+        self._enforce(need=need)
+        return free()
+
+    def _enforce(self, keep: str | None = None, need: int = 0) -> None:
+        """Delete recordings past retention, then the oldest finished until the total (files
+        being written included, and ``need`` bytes about to be) fits. ``keep``: the recording
+        just finished, never deleted for room (its ``call.ended`` links to it)."""
         try:
-            busy = {recording_name(c) for c in list(self._open)}
+            busy = {recording_name(c) for c in self._writing} | {recording_name(c) for c in list(self._open)}
+            writing = sum(r.bytes_on_disk for r in self._writing.values()) + need
             entries: list[tuple[float, int, Path]] = []
             with os.scandir(self.path) as it:
                 for e in it:
@@ -348,7 +407,8 @@ class Recordings:
             total = sum(size for _, size, _ in entries)
             kept = []
             for mtime, size, p in entries:
-                if (cutoff is not None and mtime < cutoff) or total > self.max_total_bytes:
+                expired = cutoff is not None and mtime < cutoff
+                if expired or (total + writing > self.max_total_bytes and p.name != keep):
                     p.unlink(missing_ok=True)
                     total -= size
                     self.removed += 1

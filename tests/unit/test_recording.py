@@ -5,6 +5,7 @@ as the call. Each caller sample carries its own index, so the test can see where
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from pathlib import Path
 
@@ -92,3 +93,100 @@ async def test_the_wav_is_as_long_as_the_call(recordings, duration):
     await rec.done
     _left, _right, n = read_stereo(rec.path)
     assert abs(n - duration * RATE) < FRAME
+
+
+async def test_the_disk_bound_holds_while_calls_record(tmp_path, caplog):
+    """A tiny bound: an older finished recording is deleted first to make room; when the call
+    being recorded alone fills the bound, its recording stops, the file completed as it is (a
+    valid WAV the call's link still serves), a warning logged, and nothing more is written."""
+    import os
+    import time
+
+    from bridge.recording import FLUSH_FRAMES
+
+    old = tmp_path / "old-call.wav"
+    old.write_bytes(bytes(20_000))
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    cap = 100_000  # ~3 s of 8 kHz stereo: less than one flush (5 s)
+    recordings = Recordings(tmp_path, max_total_bytes=cap, retention_days=None)
+    await recordings.start()
+    try:
+        assert old.exists()  # it fits on its own
+        rec = recordings.open("long", RATE)
+        for _ in range(FLUSH_FRAMES * 3):  # 15 s of call: three flushes
+            rec.caller(frame_of(3))
+            rec.tick(frame_of(4))
+        await asyncio.wrap_future(recordings.submit(lambda: None))  # the writer has caught up
+        assert not old.exists()  # deleted for room before the call's own recording was cut
+        size = rec.path.stat().st_size
+        assert rec.stopped_full and size <= cap
+        assert recordings.health()["total_bytes"] <= cap and recordings.health()["stopped_full"] == 1
+        assert any("max_total_mb" in r.getMessage() and "recording stopped" in r.getMessage()
+                   for r in caplog.records)
+        rec.close(20.0)
+        await rec.done
+        await asyncio.wrap_future(recordings.submit(lambda: None))  # and its _enforce pass
+        assert rec.path.stat().st_size == size  # not padded past the bound, not reopened
+        assert await recordings.file("long") == rec.path  # the call.ended link still serves it
+        _left, _right, n = read_stereo(rec.path)
+        assert n == (size - 44) // 4 and n > 0
+    finally:
+        await recordings.close()
+
+
+async def test_a_finished_recording_is_not_deleted_by_its_own_pass_and_close_does_not_block(tmp_path):
+    """The last chunk may take a recording just past a bound (the header, a final pad): the pass
+    after it keeps the newest, so call.ended never links to a file already gone. Closing the
+    recordings joins the writer in a thread, and a recording finishing after that does not raise."""
+    recordings = Recordings(tmp_path, max_total_bytes=10, retention_days=None)  # under one header
+    await recordings.start()
+    rec = recordings.open("tiny", RATE)
+    for _ in range(10):
+        rec.caller(frame_of(1))
+        rec.tick(frame_of(2))
+    rec.close(0.2)
+    await rec.done
+    await asyncio.wrap_future(recordings.submit(lambda: None))
+    assert rec.path.exists() and await recordings.file("tiny") == rec.path
+    await recordings.close()
+
+
+async def test_close_joins_the_writer_off_the_event_loop_and_a_late_finish_does_not_raise(tmp_path, monkeypatch):
+    """A slow disk: the writer is busy when the bridge stops. Closing the recordings must leave the
+    event loop running meanwhile, and a recording that completes after the writer was shut down
+    must not raise in its done callback (it would try to schedule the disk-bound pass)."""
+    import threading
+
+    import bridge.recording as recording
+
+    monkeypatch.setattr(recording, "FINISH_WAIT_S", 0.01)
+    recordings = Recordings(tmp_path, max_total_bytes=10**9, retention_days=None)
+    await recordings.start()
+    loop = asyncio.get_running_loop()
+    problems: list[dict] = []
+    loop.set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+    disk = threading.Event()
+    recordings.submit(disk.wait, 5)  # the writer is stuck on a slow disk
+    rec = recordings.open("late", RATE)
+    rec.tick(frame_of(1))
+    rec.close(0.02)  # its file is completed only once the disk answers
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beat = asyncio.create_task(ticker())
+    threading.Timer(0.5, disk.set).start()
+    try:
+        await asyncio.wait_for(recordings.close(), 10)
+        await asyncio.wait_for(rec.done, 5)
+        await asyncio.sleep(0.05)
+    finally:
+        beat.cancel()
+        loop.set_exception_handler(None)
+    assert ticks >= 10, "the event loop stalled while the writer thread was joined"
+    assert problems == []
+    assert rec.path.exists()
