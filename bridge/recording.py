@@ -348,10 +348,23 @@ class Recordings:
     def log_problem(self, rec: CallRecorder, message: str) -> None:
         log.warning("[%s] recording: %s", rec.call_id, message)
 
-    def has(self, call_id: str) -> bool:
-        """Whether ``call_id`` has a recording (finished or being completed)."""
-        name = recording_name(call_id)
-        return name is not None and (call_id in self._finishing or (self.path / name).is_file())
+    async def which_have(self, call_ids: list[str]) -> set[str]:
+        """Which of ``call_ids`` have a recording (finished or being completed): one listing of
+        the directory, in a thread, rather than a ``stat`` per call on the event loop (a history
+        page is up to 500 calls, and the disk may be slow)."""
+        names = {n: c for c in call_ids if (n := recording_name(c)) is not None}
+        if not names:
+            return set()
+        have = {c for c in names.values() if c in self._finishing}
+
+        def listing() -> set[str]:
+            try:
+                with os.scandir(self.path) as it:
+                    return {e.name for e in it if e.name in names and e.is_file()}
+            except OSError:
+                return set()
+
+        return have | {names[n] for n in await asyncio.to_thread(listing)}
 
     async def file(self, call_id: str) -> Path | None:
         """The finished recording of ``call_id`` (waiting for one being completed), or None."""

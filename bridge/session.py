@@ -808,8 +808,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self._release_now()
 
     def _release_now(self) -> None:
-        """Last resort, synchronous: stop the frames, drop the caller, free the slot, signal the end."""
+        """Last resort, synchronous: stop the frames, drop the caller, free the slot, complete the
+        recording (else its file stays open and counted as being written), signal the end."""
         self._guard("removing the call from the playout clock", self.services.clock.remove, self)
+        if self.recorder is not None:  # idempotent: nothing if call.ended already closed it
+            self._guard("finishing the recording", self.recorder.close, round(time.monotonic() - self._t0, 3))
         self._guard("closing the caller's connection", self.leg.abort)
         self._guard("deregistering the call", self.services.registry.ended, self)
         self._mark_ended()
