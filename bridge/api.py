@@ -7,8 +7,9 @@ CLI owns SIGTERM so that calls end gracefully).
 Who may use it is decided once, in :class:`ApiGuard`, a pure ASGI layer outside every route
 (including the ``/docs``, ``/redoc`` and ``/openapi.json`` routes FastAPI adds itself):
 
-* **with** ``api.token``: every path but ``/v1/health`` needs ``Authorization: Bearer <token>``
-  (constant-time compare), else 401;
+* **with** ``api.token``: every path but ``/v1/health`` and the static pages that hold no data
+  (the console's files, ``/docs`` and its schema ``/openapi.json``) needs
+  ``Authorization: Bearer <token>`` (constant-time compare), else 401;
 * **without** a token (the default, loopback only — ``bridge/app.py`` refuses a non-loopback
   ``api.listen`` without one), a request is served only if it is addressed to this machine
   (``Host`` is 127.0.0.0/8, ``[::1]`` or ``localhost``, else 421) and does not come from another
@@ -120,8 +121,12 @@ SSE_HEARTBEAT_S = 15.0
 #: events) and a connection, so a hostile or buggy client must not be able to open them
 #: without bound.
 MAX_EVENT_STREAMS = 100
-#: Paths served without a token (load balancers and health checks have none).
-OPEN_PATHS = frozenset({"/v1/health"})
+#: Paths served without a token: ``/v1/health`` (load balancers and health checks have none),
+#: and ``/docs`` with its schema ``/openapi.json``. A browser opening /docs cannot send a bearer
+#: header, so with a token they would be a blank page; they hold no data (the routes and models
+#: the code declares, the same for every bridge of this version, no call, webhook or setting),
+#: and every call Swagger UI makes from them carries the token its "Authorize" dialog holds.
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/openapi.json"})
 #: Static files served without a token: the console's page and script (a browser loads a page
 #: before it can send a header; they hold no data — every call they make carries the token) and
 #: the Swagger UI assets of /docs.
@@ -564,6 +569,22 @@ class _GuardedApp(FastAPI):
     def build_middleware_stack(self) -> Any:
         return self._guard(super().build_middleware_stack())
 
+    #: Set when the API has a token: the schema then declares the bearer scheme, so /docs's
+    #: "Authorize" dialog takes the token and Swagger UI sends it on every call it makes.
+    bearer = False
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None and self.bearer:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "api.token"}
+            schema["security"] = [{"bearer": []}]
+            for path in OPEN_PATHS:  # these need no token
+                for operation in schema.get("paths", {}).get(path, {}).values():
+                    operation["security"] = []
+            self.openapi_schema = schema
+        return super().openapi()
+
 
 class _EscapedJSONResponse(JSONResponse):
     """JSON with every non-ASCII character escaped. A 422 echoes the client's input, which may
@@ -655,6 +676,7 @@ def create_app(bridge: Bridge) -> FastAPI:
     # CDN); ReDoc has no such copy, so it is not offered rather than served blank.
     app = _GuardedApp(guard, title="voxbridge", version=__version__, docs_url=None, redoc_url=None,
                       description="Start, follow and control AI phone calls; subscribe to call events.")
+    app.bearer = token is not None
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     streams = _StreamSlots(MAX_EVENT_STREAMS)
