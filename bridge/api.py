@@ -67,6 +67,7 @@ from .events import EVENT_TYPES
 from .gateway.base import CommandUnavailable, CommandUnsupported
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
+from .openapi30 import openapi_30
 from .store import parse_time
 
 if TYPE_CHECKING:
@@ -122,11 +123,12 @@ SSE_HEARTBEAT_S = 15.0
 #: without bound.
 MAX_EVENT_STREAMS = 100
 #: Paths served without a token: ``/v1/health`` (load balancers and health checks have none),
-#: and ``/docs`` with its schema ``/openapi.json``. A browser opening /docs cannot send a bearer
+#: and ``/docs`` with its schema (``/openapi.json``; ``/docs/openapi.json``, the same as OpenAPI
+#: 3.0 for the bundled Swagger UI: bridge/openapi30.py). A browser opening /docs cannot send a bearer
 #: header, so with a token they would be a blank page; they hold no data (the routes and models
 #: the code declares, the same for every bridge of this version, no call, webhook or setting),
 #: and every call Swagger UI makes from them carries the token its "Authorize" dialog holds.
-OPEN_PATHS = frozenset({"/v1/health", "/docs", "/openapi.json"})
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/openapi.json", "/docs/openapi.json"})
 #: Static files served without a token: the console's page and script (a browser loads a page
 #: before it can send a header; they hold no data — every call they make carries the token) and
 #: the Swagger UI assets of /docs.
@@ -736,10 +738,16 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="voxbridge API",
+        # The bundled Swagger UI (4.x) reads only OpenAPI 3.0: given FastAPI's 3.1 it renders
+        # nothing but "Unable to render this definition". It gets the 3.0 rendering.
+        return get_swagger_ui_html(openapi_url="/docs/openapi.json", title="voxbridge API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @app.get("/docs/openapi.json", include_in_schema=False)
+    async def docs_schema() -> Response:
+        return JSONResponse(openapi_30(app.openapi()))
 
     @app.get("/docs-assets/{name}", include_in_schema=False)
     async def docs_asset(name: Annotated[str, Path(max_length=64)]) -> Response:

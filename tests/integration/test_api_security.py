@@ -219,7 +219,8 @@ async def test_every_route_but_health_needs_the_token(token_bridge):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         for method, path in routes:
             url = _example_path(path)
-            if path in ("/console", "/console/{name}", "/docs-assets/{name}", "/docs", "/openapi.json"):
+            if path in ("/console", "/console/{name}", "/docs-assets/{name}", "/docs", "/openapi.json",
+                        "/docs/openapi.json"):
                 # Static files without data (the console's page and script, /docs, its schema and
                 # Swagger UI's assets): a browser loads them before it can send a header.
                 r = await client.request(method, url)
@@ -249,12 +250,16 @@ async def test_docs_load_without_the_token_and_authorize_with_it(token_bridge):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{token_bridge.api.port}", timeout=10) as client:
         page = await client.get("/docs")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert "/openapi.json" in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text
+        assert "/docs/openapi.json" in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text
         schema = (await client.get("/openapi.json")).json()
         assert schema["components"]["securitySchemes"]["bearer"] == {
             "type": "http", "scheme": "bearer", "description": "api.token"}
         assert schema["security"] == [{"bearer": []}]
         assert schema["paths"]["/v1/health"]["get"]["security"] == []
+        # What Swagger UI itself reads: the same, as OpenAPI 3.0 (it renders nothing for 3.1).
+        docs_schema = (await client.get("/docs/openapi.json")).json()
+        assert docs_schema["openapi"].startswith("3.0.") and schema["openapi"].startswith("3.1.")
+        assert docs_schema["security"] == schema["security"] and docs_schema["paths"].keys() == schema["paths"].keys()
         assert "security" not in schema["paths"]["/v1/calls"]["get"]  # the global one applies
         assert TOKEN not in page.text and TOKEN not in json.dumps(schema)
         # What Swagger UI sends once authorized, and what it gets without.

@@ -86,7 +86,7 @@ async def test_the_wav_is_as_long_as_the_call(recordings, duration):
     """Fewer ticks than the call lasted (a loaded machine skipped some), or more: the file is cut
     or padded to the call's duration as call.ended reports it."""
     rec = recordings.open(f"len-{duration}", RATE)
-    for t in range(100):
+    for _t in range(100):
         rec.caller(frame_of(5))
         rec.tick(frame_of(7))
     rec.close(duration)
