@@ -7,8 +7,9 @@ CLI owns SIGTERM so that calls end gracefully).
 Who may use it is decided once, in :class:`ApiGuard`, a pure ASGI layer outside every route
 (including the ``/docs``, ``/redoc`` and ``/openapi.json`` routes FastAPI adds itself):
 
-* **with** ``api.token``: every path but ``/v1/health`` needs ``Authorization: Bearer <token>``
-  (constant-time compare), else 401;
+* **with** ``api.token``: every path but ``/v1/health`` and the static pages that hold no data
+  (the console's files, ``/docs`` and its schema ``/openapi.json``) needs
+  ``Authorization: Bearer <token>`` (constant-time compare), else 401;
 * **without** a token (the default, loopback only — ``bridge/app.py`` refuses a non-loopback
   ``api.listen`` without one), a request is served only if it is addressed to this machine
   (``Host`` is 127.0.0.0/8, ``[::1]`` or ``localhost``, else 421) and does not come from another
@@ -66,6 +67,7 @@ from .events import EVENT_TYPES
 from .gateway.base import CommandUnavailable, CommandUnsupported
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
+from .openapi30 import openapi_30
 from .store import parse_time
 
 if TYPE_CHECKING:
@@ -120,8 +122,13 @@ SSE_HEARTBEAT_S = 15.0
 #: events) and a connection, so a hostile or buggy client must not be able to open them
 #: without bound.
 MAX_EVENT_STREAMS = 100
-#: Paths served without a token (load balancers and health checks have none).
-OPEN_PATHS = frozenset({"/v1/health"})
+#: Paths served without a token: ``/v1/health`` (load balancers and health checks have none),
+#: and ``/docs`` with its schema (``/openapi.json``; ``/docs/openapi.json``, the same as OpenAPI
+#: 3.0 for the bundled Swagger UI: bridge/openapi30.py). A browser opening /docs cannot send a bearer
+#: header, so with a token they would be a blank page; they hold no data (the routes and models
+#: the code declares, the same for every bridge of this version, no call, webhook or setting),
+#: and every call Swagger UI makes from them carries the token its "Authorize" dialog holds.
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/openapi.json", "/docs/openapi.json"})
 #: Static files served without a token: the console's page and script (a browser loads a page
 #: before it can send a header; they hold no data — every call they make carries the token) and
 #: the Swagger UI assets of /docs.
@@ -564,6 +571,22 @@ class _GuardedApp(FastAPI):
     def build_middleware_stack(self) -> Any:
         return self._guard(super().build_middleware_stack())
 
+    #: Set when the API has a token: the schema then declares the bearer scheme, so /docs's
+    #: "Authorize" dialog takes the token and Swagger UI sends it on every call it makes.
+    bearer = False
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None and self.bearer:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "api.token"}
+            schema["security"] = [{"bearer": []}]
+            for path in OPEN_PATHS:  # these need no token
+                for operation in schema.get("paths", {}).get(path, {}).values():
+                    operation["security"] = []
+            self.openapi_schema = schema
+        return super().openapi()
+
 
 class _EscapedJSONResponse(JSONResponse):
     """JSON with every non-ASCII character escaped. A 422 echoes the client's input, which may
@@ -655,6 +678,7 @@ def create_app(bridge: Bridge) -> FastAPI:
     # CDN); ReDoc has no such copy, so it is not offered rather than served blank.
     app = _GuardedApp(guard, title="voxbridge", version=__version__, docs_url=None, redoc_url=None,
                       description="Start, follow and control AI phone calls; subscribe to call events.")
+    app.bearer = token is not None
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     streams = _StreamSlots(MAX_EVENT_STREAMS)
@@ -714,10 +738,16 @@ def create_app(bridge: Bridge) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="voxbridge API",
+        # The bundled Swagger UI (4.x) reads only OpenAPI 3.0: given FastAPI's 3.1 it renders
+        # nothing but "Unable to render this definition". It gets the 3.0 rendering.
+        return get_swagger_ui_html(openapi_url="/docs/openapi.json", title="voxbridge API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @app.get("/docs/openapi.json", include_in_schema=False)
+    async def docs_schema() -> Response:
+        return JSONResponse(openapi_30(app.openapi()))
 
     @app.get("/docs-assets/{name}", include_in_schema=False)
     async def docs_asset(name: Annotated[str, Path(max_length=64)]) -> Response:

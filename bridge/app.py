@@ -382,26 +382,30 @@ class Bridge:
         if call_id in remote:
             return cast(dict[str, Any], remote[call_id])
         call = await self.store.get_call(call_id)
-        return None if call is None else self._with_recording(call)
+        return None if call is None else (await self._with_recordings([call]))[0]
 
-    def _with_recording(self, call: dict[str, Any]) -> dict[str, Any]:
-        """An ended call from the history, with the link to its recording if it has one."""
-        url = None
-        if self.recordings is not None and self.recordings.has(call["call_id"]):
-            url = f"/v1/calls/{call['call_id']}/recording"
-        return {**call, "recording": url}
+    async def _with_recordings(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Ended calls from the history, each with the link to its recording if it has one
+        (looked up off the event loop: bridge/recording.py's ``which_have``)."""
+        have = (await self.recordings.which_have([c["call_id"] for c in calls])
+                if self.recordings is not None and calls else set())
+        return [{**c, "recording": f"/v1/calls/{c['call_id']}/recording" if c["call_id"] in have else None}
+                for c in calls]
 
     async def list_calls(self, state: str | None, limit: int, offset: int,
                          **filters: str | None) -> list[dict[str, Any]]:
         """The history, newest first; ``filters``: caller, profile, end_reason, since, until
         (bridge/store.py's ``list_calls``)."""
         calls = await self.store.list_calls(state, limit, offset, **filters)
+        live = {c["call_id"]: s for c in calls if (s := self.sessions.get(c["call_id"])) is not None}
         # Another node's live call: its owner's live view (state, duration, tools), not the row.
-        remote = await self._remote_live([c["call_id"] for c in calls if c["call_id"] not in self.sessions
+        remote = await self._remote_live([c["call_id"] for c in calls if c["call_id"] not in live
                                           and c.get("state") not in TERMINAL_STATES])
-        return [self._live_info(self.sessions[c["call_id"]]) if c["call_id"] in self.sessions
+        rows = iter(await self._with_recordings([c for c in calls if c["call_id"] not in live
+                                                 and c["call_id"] not in remote]))
+        return [self._live_info(live[c["call_id"]]) if c["call_id"] in live
                 else remote[c["call_id"]] if c["call_id"] in remote
-                else self._with_recording(c) for c in calls]
+                else next(rows) for c in calls]
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of this bridge's metrics (bridge/metrics.py)."""

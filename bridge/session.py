@@ -228,7 +228,6 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: snapshot that describes them; set once the gateway is being connected.
         self._offerable: list[str] = []
         self._tool_snapshot: ToolRegistry | None = None
-        self._dtmf_tools: list[str] = []
         #: The silence watchdog (profile ``silence``) and, without a local VAD, its energy gate.
         self._silence: SilenceWatchdog | None = None
         self._gate: EnergyGate | None = None
@@ -382,10 +381,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # Where the caller is in the AI's audio (for adapters that must say where a barge-in cut it).
         gateway.playout_position = lambda: self.playout.consumed_s
         self._offerable, self._tool_snapshot = offered, tools
-        self._dtmf_tools = [a.tool for a in profile.dtmf.values()]
         self.router = ToolRouter(
             tools, self, gateway.send_tool_result,
-            allowed=offered + [a.tool for a in profile.dtmf.values()],
+            allowed=offered, local_allowed=[a.tool for a in profile.dtmf.values()],
             deadline=services.config.tool_deadline, max_concurrent=services.config.tool_concurrency,
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
@@ -810,8 +808,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self._release_now()
 
     def _release_now(self) -> None:
-        """Last resort, synchronous: stop the frames, drop the caller, free the slot, signal the end."""
+        """Last resort, synchronous: stop the frames, drop the caller, free the slot, complete the
+        recording (else its file stays open and counted as being written), signal the end."""
         self._guard("removing the call from the playout clock", self.services.clock.remove, self)
+        if self.recorder is not None:  # idempotent: nothing if call.ended already closed it
+            self._guard("finishing the recording", self.recorder.close, round(time.monotonic() - self._t0, 3))
         self._guard("closing the caller's connection", self.leg.abort)
         self._guard("deregistering the call", self.services.registry.ended, self)
         self._mark_ended()
@@ -860,12 +861,19 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         return [c for c in COMMANDS if c in BRIDGE_COMMANDS or c in own]
 
     def _live_gateway(self, command: str) -> Gateway:
-        gw = self.gateway
-        if self._fsm.state in FINISHING or self._fsm.state is CallState.DRAINING:
-            raise CommandUnavailable(f"call {self.call_id} is ending: '{command}' is no longer possible")
-        if gw is None:
-            raise CommandUnavailable(f"call {self.call_id} is still connecting to its AI backend: "
-                                     f"'{command}' is possible once it has answered")
+        """The call's gateway if ``command`` can reach a live AI now: only while ACTIVE. While
+        FALLING_BACK the gateway object may still be set but its connection has failed, so a
+        command there would be accepted and do nothing; every other state says which it is."""
+        gw, state = self.gateway, self._fsm.state
+        if state in FINISHING or state is CallState.DRAINING:
+            raise CommandUnavailable(f"call {self.call_id} is ending (state {state.value}): "
+                                     f"'{command}' is no longer possible")
+        if state is CallState.FALLING_BACK:
+            raise CommandUnavailable(f"call {self.call_id} is falling back (state {state.value}): its AI "
+                                     f"backend failed, so '{command}' is no longer possible")
+        if gw is None or state is not CallState.ACTIVE:
+            raise CommandUnavailable(f"call {self.call_id} is still connecting to its AI backend "
+                                     f"(state {state.value}): '{command}' is possible once it has answered")
         if command not in gw.capabilities:
             raise CommandUnsupported(gw.protocol_name, command)
         return gw
@@ -882,7 +890,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
 
     def set_tools(self, names: list[str], origin: str = "api") -> list[str]:
         """Replace the tools the AI may call with ``names`` (a subset of what the profile offered
-        this call). Raises ValueError naming unknown tools. DTMF shortcuts keep their tools."""
+        this call). Raises ValueError naming unknown tools. DTMF shortcuts keep their tools (the
+        router allows them separately: the AI cannot call them unless it was offered them)."""
         gw = self._live_gateway("tools")
         unknown = [n for n in names if n not in self._offerable]
         if unknown:
@@ -892,7 +901,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         chosen = list(dict.fromkeys(names))
         assert self._tool_snapshot is not None and self.router is not None
         gw.set_tools(self._tool_snapshot.specs(chosen))
-        self.router.set_allowed(chosen + self._dtmf_tools)
+        self.router.set_allowed(chosen)
         self._publish("call.tools", self.call_id, tools=chosen, origin=origin)
         return chosen
 

@@ -108,6 +108,7 @@ class ToolRouter:
         send_result: SendResult,
         *,
         allowed: list[str] | None = None,
+        local_allowed: list[str] | None = None,
         deadline: float = 14.0,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         max_outcomes: int = DEFAULT_MAX_OUTCOMES,
@@ -126,7 +127,12 @@ class ToolRouter:
         self._registry = registry
         self._call = call
         self._send = send_result
+        # Separate allowances per origin: what the AI was offered (``allowed``, which the mid-call
+        # ``tools`` command replaces) and what the bridge itself may run for the caller
+        # (``local_allowed``: DTMF shortcuts). The AI must never reach a tool it was not offered
+        # just because a key on the phone runs it. ``None``: every registered tool.
         self._allowed = None if allowed is None else set(allowed)
+        self._local_allowed = self._allowed if local_allowed is None else set(local_allowed)
         self.deadline = deadline
         self.max_concurrent = max_concurrent
         self.drain_timeout = drain_timeout
@@ -183,10 +189,13 @@ class ToolRouter:
             self._claim(outcome, "cancelled", format_error(name, "the call has ended"))
             return
         tool = self._registry.get(name) if name else None
+        allowed = self._allowed if origin == "gateway" else self._local_allowed
         if problem is not None:
             self._claim(outcome, "invalid_args", format_error(name, problem))
-        elif tool is None or (self._allowed is not None and name not in self._allowed):
-            known = sorted(self._allowed if self._allowed is not None else self._registry.names)
+        elif tool is None or (allowed is not None and name not in allowed):
+            # Only what this caller may call: naming other tools would offer the AI what it was not.
+            known = sorted(self._registry.names if allowed is None else
+                           (n for n in allowed if self._registry.get(n) is not None))
             self._claim(outcome, "unknown_tool",
                         format_error(name, f"unknown tool {name!r}; available: {', '.join(known) or 'none'}"))
         elif (why := self._registry.validate(name, args)) is not None:
@@ -202,7 +211,8 @@ class ToolRouter:
 
     def set_allowed(self, names: list[str]) -> None:
         """Replace the tools the AI may call from now on (the API's mid-call ``tools`` command).
-        Calls already running finish; a later call of a removed tool is answered with an error."""
+        Calls already running finish; a later call of a removed tool is answered with an error.
+        What the bridge runs itself (``local_allowed``: DTMF shortcuts) is not affected."""
         self._allowed = set(names)
 
     def run_local(self, name: str, args: dict[str, Any], origin: str = "dtmf") -> None:

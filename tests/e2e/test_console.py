@@ -236,3 +236,96 @@ async def _next(sub: Any, type_: str, timeout: float = 5.0) -> Any:
             ev = await sub.get()
             if ev.type == type_:
                 return ev
+
+
+HOSTILE = '<img src=x onerror=window.__pwned=1>'
+
+
+async def test_hostile_transcripts_and_tool_arguments_render_as_text(browser, tmp_path):
+    """What callers and AIs say is data, never markup: a transcript line and a tool argument
+    holding an <img onerror> show as their literal text, and the DOM gets no element from them."""
+    sim = GatewaySim(accepted_keys={API_KEY})
+    await sim.start()
+    port = free_port()
+    bridge = Bridge(Config.model_validate({
+        "audiosocket": {"listen": "127.0.0.1:0"},
+        "gateway": {"url": sim.url, "api_key": API_KEY, "settle_ms": 0},
+        "api": {"listen": f"127.0.0.1:{port}", "token": TOKEN},
+        "profiles": {"default": {"tools": ["lookup_order"], "first_message": None}},
+    }), tools=[LookupOrder()])
+    await bridge.start()
+    caller = AudioSocketCaller()
+    try:
+        drv = browser
+
+        def find(css: str) -> list[Any]:
+            return drv.find_elements(By.CSS_SELECTOR, css)
+
+        await asyncio.to_thread(drv.get, f"http://127.0.0.1:{port}/console")
+        await _until(lambda: find("#token") and find("#token")[0].is_displayed(), 10, "the sign-in form")
+        await asyncio.to_thread(lambda: (find("#token")[0].send_keys(TOKEN), find("#signin-form button")[0].click()))
+        await _until(lambda: find("#stream-status.live"), 10, "the event stream connected")
+        await caller.connect(*bridge.audiosocket_address)
+        row = f'#live-calls tr[data-call-id="{caller.uuid}"]'
+        gw = await sim.next_session()
+        await gw.wait_accepted()
+        await _until(lambda: find(row) and find(row + " td.state")[0].text == "active", 5, "the call answered")
+        await _until(lambda: find(row)[0].click() or True, 5, "a click on the live call")
+        await _until(lambda: find("#view-call") and find("#view-call")[0].is_displayed(), 5, "the call's page")
+        await gw.transcript("caller", HOSTILE)
+        await _until(lambda: find("#transcript li"), 5, "the transcript line")
+        await gw.call_tool("lookup_order", {"order_id": HOSTILE})
+        await _until(lambda: find("#tools li .outcome-ok"), 5, "the tool call's outcome")
+        assert find("#transcript li")[-1].text.endswith(HOSTILE)
+        assert HOSTILE in find("#tools li")[0].text
+        found = await asyncio.to_thread(drv.execute_script,
+                                        "return [document.querySelectorAll('img').length, window.__pwned || 0]")
+        assert found == [0, 0], found
+    finally:
+        await asyncio.to_thread(browser.get, "about:blank")
+        await caller.aclose()
+        await bridge.stop()
+        await sim.stop()
+
+
+async def test_docs_load_with_a_token_and_authorize_sends_it(browser):
+    """With api.token set, /docs still loads in a browser (it cannot send a bearer header for the
+    page), and a call made from it after "Authorize" with the token is answered."""
+    port = free_port()
+    bridge = Bridge(Config.model_validate({
+        "audiosocket": {"listen": "127.0.0.1:0"}, "gateway": {"demo": True},
+        "api": {"listen": f"127.0.0.1:{port}", "token": TOKEN},
+    }))
+    await bridge.start()
+    try:
+        drv = browser
+
+        def find(css: str) -> list[Any]:
+            return drv.find_elements(By.CSS_SELECTOR, css)
+
+        await asyncio.to_thread(drv.get, f"http://127.0.0.1:{port}/docs")
+        title = ".swagger-ui .info .title"
+        await _until(lambda: find(title) and "voxbridge" in find(title)[0].text, 10, "Swagger UI with the API's title")
+        await _until(lambda: find("button.authorize"), 5, "the Authorize button")
+        await asyncio.to_thread(lambda: find("button.authorize")[0].click())
+        await _until(lambda: find(".modal-ux input"), 5, "the Authorize dialog")
+
+        def authorize() -> None:
+            find(".modal-ux input")[0].send_keys(TOKEN)
+            find(".modal-ux button.modal-btn.authorize")[0].click()
+            find(".modal-ux button.btn-done")[0].click()
+
+        await asyncio.to_thread(authorize)
+        op = '[id^="operations-"][id$="_v1_calls_get"]'
+        await _until(lambda: find(op + " .opblock-summary"), 5, "GET /v1/calls")
+        await asyncio.to_thread(lambda: find(op + " .opblock-summary")[0].click())
+        await _until(lambda: find(op + " button.try-out__btn"), 5, "Try it out")
+        await asyncio.to_thread(lambda: find(op + " button.try-out__btn")[0].click())
+        await _until(lambda: find(op + " button.execute"), 5, "Execute")
+        await asyncio.to_thread(lambda: find(op + " button.execute")[0].click())
+        status = await _until(lambda: [e.text for e in find(op + " .live-responses-table tbody .response-col_status")],
+                              10, "the response")
+        assert status[0].strip().startswith("200"), status  # without the token sent: 401
+    finally:
+        await asyncio.to_thread(browser.get, "about:blank")
+        await bridge.stop()

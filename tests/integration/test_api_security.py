@@ -219,9 +219,10 @@ async def test_every_route_but_health_needs_the_token(token_bridge):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         for method, path in routes:
             url = _example_path(path)
-            if path in ("/console", "/console/{name}", "/docs-assets/{name}"):
-                # Static files without data (the console's page and script, Swagger UI's assets):
-                # a browser loads them before it can send a header. Never an API answer.
+            if path in ("/console", "/console/{name}", "/docs-assets/{name}", "/docs", "/openapi.json",
+                        "/docs/openapi.json"):
+                # Static files without data (the console's page and script, /docs, its schema and
+                # Swagger UI's assets): a browser loads them before it can send a header.
                 r = await client.request(method, url)
                 assert r.status_code in (200, 404), (method, path, r.status_code)
                 continue
@@ -240,6 +241,36 @@ async def test_every_route_but_health_needs_the_token(token_bridge):
         assert (await client.get("/docs", headers=good)).status_code == 200
         assert "/v1/calls" in (await client.get("/openapi.json", headers=good)).json()["paths"]
         assert (await client.get("/no/such/path", headers=good)).status_code == 404
+
+
+async def test_docs_load_without_the_token_and_authorize_with_it(token_bridge):
+    """A browser opening /docs cannot send a bearer header: the page and its schema are served
+    without one (they hold no data), and the schema declares the bearer scheme, so Swagger UI's
+    "Authorize" takes the token and sends it on the calls it makes."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{token_bridge.api.port}", timeout=10) as client:
+        page = await client.get("/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "/docs/openapi.json" in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text
+        schema = (await client.get("/openapi.json")).json()
+        assert schema["components"]["securitySchemes"]["bearer"] == {
+            "type": "http", "scheme": "bearer", "description": "api.token"}
+        assert schema["security"] == [{"bearer": []}]
+        assert schema["paths"]["/v1/health"]["get"]["security"] == []
+        # What Swagger UI itself reads: the same, as OpenAPI 3.0 (it renders nothing for 3.1).
+        docs_schema = (await client.get("/docs/openapi.json")).json()
+        assert docs_schema["openapi"].startswith("3.0.") and schema["openapi"].startswith("3.1.")
+        assert docs_schema["security"] == schema["security"] and docs_schema["paths"].keys() == schema["paths"].keys()
+        assert "security" not in schema["paths"]["/v1/calls"]["get"]  # the global one applies
+        assert TOKEN not in page.text and TOKEN not in json.dumps(schema)
+        # What Swagger UI sends once authorized, and what it gets without.
+        assert (await client.get("/v1/calls")).status_code == 401
+        assert (await client.get("/v1/calls", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 200
+
+
+async def test_without_a_token_the_schema_declares_no_scheme(open_bridge):
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{open_bridge.api.port}", timeout=10) as client:
+        schema = (await client.get("/openapi.json")).json()
+    assert "security" not in schema and "securitySchemes" not in schema.get("components", {})
 
 
 async def test_with_a_token_the_host_is_not_restricted(token_bridge):

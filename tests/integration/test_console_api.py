@@ -187,3 +187,99 @@ async def test_docs_reference_no_external_host_and_their_assets_load(api_bridge)
             assert res.status_code == 200, u
         js = await http.get("/docs-assets/swagger-ui-bundle.js")
         assert len(js.content) > 100_000 and js.headers["content-type"].startswith("text/javascript")
+
+
+async def _recorded_bridge(tmp_path, sim: GatewaySim) -> Bridge:
+    bridge = Bridge(Config.model_validate({
+        "audiosocket": {"listen": "127.0.0.1:0"}, "api": {"listen": "127.0.0.1:0", "token": TOKEN},
+        "gateway": {"url": sim.url, "api_key": API_KEY, "settle_ms": 0},
+        "store": {"path": str(tmp_path / "calls.db")},
+        "recordings": {"path": str(tmp_path / "rec")},
+        "profiles": {"default": {"record": True, "first_message": None}},
+    }))
+    await bridge.start()
+    return bridge
+
+
+async def test_a_teardown_crash_still_completes_the_recording(tmp_path):
+    """The session's last-resort release (its teardown task crashed) completes the recording too:
+    no file left open and counted as being written for the rest of the bridge's life."""
+    sim = GatewaySim(accepted_keys={API_KEY}, echo=False)
+    await sim.start()
+    bridge = await _recorded_bridge(tmp_path, sim)
+    caller = AudioSocketCaller()
+    try:
+        await caller.connect(*bridge.audiosocket_address)
+        gw = await sim.next_session()
+        await gw.wait_accepted()
+        caller.say(tone(440, 400))
+        await caller.wait_spoken(5)
+        session = bridge.sessions[str(caller.uuid)]
+        rec = session.recorder
+        assert rec is not None and bridge.recordings.health()["recording"] == 1
+
+        async def crash() -> None:
+            raise RuntimeError("a teardown bug")
+
+        session._finish = crash  # the teardown task crashes: _release_now runs instead
+        session.end("test-done")
+        await asyncio.wait_for(session.ended.wait(), 5)
+        await asyncio.wait_for(rec.done, 5)
+        assert bridge.recordings.health()["recording"] == 0
+        with wave.open(str(rec.path)) as w:
+            assert w.getnchannels() == 2 and w.getnframes() > 0
+    finally:
+        await caller.aclose()
+        await gw.hangup()
+        await bridge.stop()
+        await sim.stop()
+
+
+async def test_the_history_looks_recordings_up_off_the_event_loop(tmp_path, monkeypatch):
+    """A history page is up to 500 calls: whether each has a recording is one directory listing in
+    a thread, never a stat per call on the event loop; the links are right either way."""
+    import pathlib
+    import threading
+
+    sim = GatewaySim(accepted_keys={API_KEY}, echo=False)
+    await sim.start()
+    bridge = await _recorded_bridge(tmp_path, sim)
+    try:
+        from bridge.events import Event
+
+        for i in range(40):
+            bridge.store.record(Event("call.started", f"hist-{i}", {"caller": "100", "profile": "default"}))
+            bridge.store.record(Event("call.ended", f"hist-{i}", {"reason": "x", "duration_s": 1.0}))
+        for i in range(0, 40, 3):
+            (tmp_path / "rec" / f"hist-{i}.wav").write_bytes(bytes(44))
+        loop_thread = threading.current_thread()
+        on_loop: list[str] = []
+        real_is_file, real_stat = pathlib.Path.is_file, pathlib.Path.stat
+
+        def is_file(self, *a, **k):
+            if threading.current_thread() is loop_thread and self.suffix == ".wav":
+                on_loop.append(f"is_file {self.name}")
+            return real_is_file(self, *a, **k)
+
+        def stat(self, *a, **k):
+            if threading.current_thread() is loop_thread and self.suffix == ".wav":
+                on_loop.append(f"stat {self.name}")
+            return real_stat(self, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, "is_file", is_file)
+        monkeypatch.setattr(pathlib.Path, "stat", stat)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bridge.api.port}", headers=auth) as http:
+            async with asyncio.timeout(5):
+                while len((await http.get("/v1/calls", params={"limit": 100})).json()["calls"]) < 40:
+                    await asyncio.sleep(0.05)
+            calls = (await http.get("/v1/calls", params={"limit": 100})).json()["calls"]
+            one = (await http.get("/v1/calls/hist-3")).json()
+            none = (await http.get("/v1/calls/hist-4")).json()
+        links = {c["call_id"]: c["recording"] for c in calls}
+        assert links == {f"hist-{i}": f"/v1/calls/hist-{i}/recording" if i % 3 == 0 else None for i in range(40)}
+        assert one["recording"] == "/v1/calls/hist-3/recording" and none["recording"] is None
+        assert on_loop == []
+    finally:
+        await bridge.stop()
+        await sim.stop()

@@ -7,6 +7,7 @@ in the call's events.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -392,4 +393,93 @@ async def test_silence_through_the_local_vad(make_rig):
     await rig.event("silence.detected", timeout=10)
     assert time.monotonic() - t_spoke >= 1.7, "the watchdog did not hear the caller through the VAD"
     caller.hangup()
+    await rig.event("call.ended")
+
+
+# --------------------------------------------------------------------------- commands outside ACTIVE
+
+LIVE_COMMANDS = (("POST", "context", {"text": "This caller is a VIP."}), ("POST", "say", {"text": "Hello?"}),
+                 ("PUT", "tools", {"tools": ["lookup"]}))
+
+
+async def _all_refused(rig: Rig, call_id: str, state_words: str) -> None:
+    """Every AI command is a 409 whose detail names the call's state (never a 200 that did nothing)."""
+    for method, path, body in LIVE_COMMANDS:
+        r = await rig.client.request(method, f"/v1/calls/{call_id}/{path}", json=body)
+        assert r.status_code == 409, (state_words, path, r.status_code, r.text)
+        assert state_words in r.json()["detail"], (path, r.json()["detail"])
+
+
+async def _wait_state(rig: Rig, call_id: str, state: str, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while (s := rig.bridge.sessions.get(call_id)) is None or s._fsm.state.value != state:
+            await asyncio.sleep(0.02)
+
+
+async def test_ai_commands_answer_409_naming_the_state_while_connecting(make_rig):
+    """A backend that accepts the connection and never answers: the call stays CONNECTING."""
+    mute_server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = mute_server.sockets[0].getsockname()[1]
+    try:
+        rig = await make_rig("openai-realtime", gateway={"url": f"ws://127.0.0.1:{port}/v1/realtime",
+                                                         "connect_timeout": 4})
+        caller = AudioSocketCaller()
+        await caller.connect(*rig.bridge.audiosocket_address)
+        call_id = str(caller.uuid)
+        await _wait_state(rig, call_id, "connecting")
+        await _all_refused(rig, call_id, "state connecting")
+        caller.hangup()
+        await rig.event("call.ended")
+        await caller.aclose()
+    finally:
+        mute_server.close()
+
+
+async def test_ai_commands_answer_409_naming_the_state_while_falling_back(make_rig, tmp_path):
+    """The gateway is lost and the fallback message plays: the failed gateway must not take commands."""
+    wav = tmp_path / "sorry.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(tone(440, 4000))
+    rig = await make_rig("openai-realtime", profile={"fallback": {"message_wav": str(wav)}})
+    caller, session, call_id = await make_rig.dial(rig)
+    await session._ws.close(1011, "internal error")
+    await _wait_state(rig, call_id, "falling-back")
+    await _all_refused(rig, call_id, "state falling-back")
+    assert session.system_messages == [] and session.instructed == [] and session.tool_updates == []
+    caller.hangup()
+    await rig.event("call.ended")
+
+
+async def test_ai_commands_answer_409_naming_the_state_while_ending(make_rig):
+    """The AI hung up mid-answer: the call drains its last words and takes no more commands."""
+    rig = await make_rig("openai-realtime")
+    caller, session, call_id = await make_rig.dial(rig)
+    await session.say("a long goodbye", ms=5000)
+    await session.hangup()
+    await _wait_state(rig, call_id, "draining")
+    await _all_refused(rig, call_id, "is ending (state draining)")
+    caller.hangup()
+    await rig.event("call.ended")
+
+
+async def test_the_ai_cannot_call_a_dtmf_shortcuts_tool_it_was_not_offered(make_rig):
+    """DTMF shortcuts and the AI have separate allowances: ``PUT /tools`` narrows only the AI's, the
+    AI's unknown-tool error names only what it was offered, and the key on the phone still works."""
+    rig = await make_rig("openai-realtime", profile={"tools": ["lookup"], "dtmf": {"#": {"tool": "end_call"}}})
+    caller, session, call_id = await make_rig.dial(rig)
+    refused = json.loads(await session.call_tool("end_call", {"reason": "done"}))
+    assert "unknown tool 'end_call'" in refused["error"] and refused["error"].endswith("available: lookup")
+    r = await rig.client.put(f"/v1/calls/{call_id}/tools", json={"tools": []})
+    assert r.status_code == 200
+    for args in ({"reason": "done"}, {}):
+        refused = json.loads(await session.call_tool("end_call", args))
+        assert refused["error"] == "unknown tool 'end_call'; available: none", refused
+    refused = json.loads(await session.call_tool("lookup", {"q": 1}))
+    assert refused["error"] == "unknown tool 'lookup'; available: none", refused
+    await asyncio.sleep(0.3)
+    assert call_id in rig.bridge.sessions and rig.bridge.sessions[call_id].end_reason is None  # nothing ran
+    caller.send_dtmf("#")
+    done = await rig.event("tool.completed", origin="dtmf")
+    assert done.data["tool"] == "end_call" and done.data["outcome"] == "ok"
     await rig.event("call.ended")

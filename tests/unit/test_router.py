@@ -121,6 +121,27 @@ async def test_unknown_tool_is_answered_at_once_naming_what_exists(registry):
     assert "slow" not in json.loads(res.items[1][1])["error"].split("available:")[1]
 
 
+async def test_the_ai_and_dtmf_shortcuts_have_separate_allowances(registry):
+    """``set_allowed`` narrows what the AI may call; the bridge's own (DTMF) calls keep theirs, and
+    the AI's unknown-tool error names only what the AI may call."""
+    res = Results()
+    done: list[tuple[str, str, str | None]] = []
+    router = make_router(registry, res, allowed=["echo"], local_allowed=["refuses"],
+                         on_completed=lambda o: done.append((o.origin, o.name, o.outcome)))
+    router.dispatch("g1", "refuses", {})  # a DTMF shortcut's tool: not the AI's to call
+    router.set_allowed([])
+    router.dispatch("g2", "echo", {"text": "hi"})
+    router.run_local("refuses", {})
+    router.run_local("echo", {"text": "hi"})  # the AI's tool is not a DTMF shortcut's
+    await res.wait_count(2, timeout=1)
+    assert json.loads(res.items[0][1])["error"] == "unknown tool 'refuses'; available: echo"
+    assert json.loads(res.items[1][1])["error"] == "unknown tool 'echo'; available: none"
+    await router.aclose()
+    assert ("dtmf", "refuses", "error") in done and ("dtmf", "echo", "unknown_tool") in done
+    assert [d for d in done if d[0] == "gateway"] == [("gateway", "refuses", "unknown_tool"),
+                                                      ("gateway", "echo", "unknown_tool")]
+
+
 async def test_invalid_arguments_are_answered_with_the_problem(registry):
     res = Results()
     router = make_router(registry, res)
