@@ -294,6 +294,20 @@ def sandbox_root() -> Path:
 # ============================================================================ one step
 
 
+class SlowOpeningGateway(GatewaySim):
+    """The reference gateway, answering each WebSocket upgrade only after ``open_delay_s``: a
+    gateway (or a network) slow to open, the way a loaded one is. The caller talks meanwhile."""
+
+    def __init__(self, open_delay_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.open_delay_s = open_delay_s
+
+    async def _process_request(self, connection: Any, request: Any) -> Any:  # type: ignore[override]
+        await asyncio.sleep(self.open_delay_s)
+        return GatewaySim._process_request(connection, request)
+
+
+
 @dataclass
 class StepResult:
     calls: int
@@ -327,8 +341,12 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0, settle_s: float = 4.0,
-                   burst_ms: int = 2000, tail_s: float = 4.0) -> StepResult:
-    """One load step: N calls through a fresh Asterisk and a fresh bridge; see the module doc."""
+                   burst_ms: int = 2000, tail_s: float = 4.0, gateway_open_delay_s: float = 0.0) -> StepResult:
+    """One load step: N calls through a fresh Asterisk and a fresh bridge; see the module doc.
+
+    ``gateway_open_delay_s``: the gateway answers each WebSocket upgrade this late (a slow start,
+    measured the same way: the caller talks from its first moment regardless).
+    """
     if not 1 <= calls <= MAX_CALLS:
         raise ValueError(f"calls must be 1..{MAX_CALLS}, got {calls}")
     if not 0 < rate <= 50:
@@ -341,8 +359,11 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
 
     asterisk = AsteriskSandbox(root, workdir / "asterisk", free_port(), free_port())
     asterisk.extra_dialplan = LOAD_DIALPLAN
-    sim = GatewaySim(accepted_keys={KEY}, settle_ms=500, echo=False, vad=VadConfig(threshold_rms=1e12),
-                     audio_cap_bytes=64 * 1024 * 1024, max_messages=200)
+    sim_options: dict[str, Any] = {"accepted_keys": {KEY}, "settle_ms": 500, "echo": False,
+                                   "vad": VadConfig(threshold_rms=1e12), "audio_cap_bytes": 64 * 1024 * 1024,
+                                   "max_messages": 200}
+    sim = (SlowOpeningGateway(gateway_open_delay_s, **sim_options) if gateway_open_delay_s > 0
+           else GatewaySim(**sim_options))
     bridge: BridgeProcess | None = None
     ami: AmiClient | None = None
     try:

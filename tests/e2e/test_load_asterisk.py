@@ -86,3 +86,20 @@ async def test_load_step_through_asterisk_keeps_bursts_and_first_words(asterisk_
     assert r.gateways_heard_caller_whole == CALLS, report
     # The CPU was measured where it is spent.
     assert r.cpu_s["asterisk"] > 0 and r.cpu_s["bridge"] > 0, r.cpu_s
+
+
+@pytest.mark.timeout(120)
+async def test_a_gateway_slow_to_open_still_hears_the_first_words(asterisk_root: Path, tmp_path: Path):
+    """A gateway that takes 3 s to open (a loaded service, or a slow AMI channel_wait before it):
+    the caller spoke from the first moment, and the gateway must still hear every word of it."""
+    r = await run_step(asterisk_root, tmp_path / "slow", 4, rate=4.0, settle_s=5.0, gateway_open_delay_s=3.0)
+    report = f"{r.problems[:5]} {[c['gateway'] for c in r.per_call]}"
+    assert r.answered == r.gateway_sessions == 4 and not r.problems, report
+    assert r.callers_heard_burst_whole == 4, report
+    if r.gateways_lost_start:
+        # The current bridge holds at most PRECONNECT_FRAMES = 100 frames (2 s) of caller audio
+        # while its gateway opens (bridge/session.py), dropping the oldest: a 3 s start loses
+        # the caller's first second. The pre-connect hold bounded by time fixes it.
+        pytest.xfail("bridge/session.py's pre-connect buffer holds only 100 frames (2 s): "
+                     f"first words lost, max {r.lost_ms_max} ms")
+    assert r.gateways_heard_caller_whole == 4, report
