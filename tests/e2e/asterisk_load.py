@@ -67,6 +67,7 @@ from .asterisk import AsteriskSandbox, ensure_proc
 RATE = 8000
 FRAME = 160  # samples per 20 ms at 8 kHz
 KEY = "load-key"
+API_TOKEN = "load-api-token"
 BURST_HZ = 2600
 CALLER_BAND_HZ = (300, 1800)
 CALLER_RMS = 3000.0  # about -21 dBFS: clearly speech level, far from clipping
@@ -175,7 +176,8 @@ class CallerHeard:
     recording: bool = False
     burst_frames: int = 0  # 20 ms frames carrying the burst tone
     span_frames: int = 0  # first to last such frame
-    whole: bool = False
+    whole: bool = False  # all of it heard: its length within BURST_TOLERANCE_FRAMES
+    hole_ms: float = 0.0  # frames without it inside the burst: playout late, then caught up
 
 
 def caller_heard(pcm: bytes, burst_ms: int) -> CallerHeard:
@@ -191,7 +193,8 @@ def caller_heard(pcm: bytes, burst_ms: int) -> CallerHeard:
     expected = burst_ms // 20
     out.burst_frames = len(hit)
     out.span_frames = int(hit[-1] - hit[0] + 1) if len(hit) else 0
-    out.whole = abs(len(hit) - expected) <= BURST_TOLERANCE_FRAMES and out.span_frames - len(hit) <= 1
+    out.whole = abs(len(hit) - expected) <= BURST_TOLERANCE_FRAMES
+    out.hole_ms = max(0, out.span_frames - len(hit) - 1) * 20.0  # one frame split by the slot edge is not a hole
     return out
 
 
@@ -283,6 +286,33 @@ class BridgeProcess:
         self.proc = None
 
 
+PLAYOUT_METRICS = {
+    "voxbridge_playout_late_ticks_total": "late_ticks",
+    "voxbridge_playout_max_lateness_seconds": "max_lateness_s",
+    "voxbridge_frames_out_dropped_total": "frames_out_dropped",
+}
+
+
+async def bridge_playout_metrics(api_port: int) -> dict[str, float]:
+    """The bridge's playout clock as it reports itself (``/metrics``): a hole in what the callers
+    heard with no late tick here came from Asterisk's side."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            resp = await client.get(f"http://127.0.0.1:{api_port}/metrics",
+                                    headers={"Authorization": f"Bearer {API_TOKEN}"})
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        return {"scrape_failed": 1.0} if exc else {}
+    out: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in PLAYOUT_METRICS:
+            out[PLAYOUT_METRICS[name]] = float(value)
+    return out
+
+
 def sandbox_root() -> Path:
     """The Asterisk chroot (``sandbox.sh asterisk`` builds it once, then prints its path)."""
     res = subprocess.run(["bash", str(SANDBOX_SH), "asterisk"], capture_output=True, text=True, timeout=900)
@@ -318,6 +348,8 @@ class StepResult:
     gateway_sessions: int = 0
     sessions_at_burst: int = 0
     callers_heard_burst_whole: int = 0
+    callers_heard_burst_without_hole: int = 0
+    burst_hole_ms_max: float = 0.0
     gateways_heard_caller_whole: int = 0
     gateways_lost_start: int = 0  # lost more than START_TOLERANCE_MS of the caller's opening
     lost_ms_max: float | None = None
@@ -325,6 +357,7 @@ class StepResult:
     lost_ms_p50: float | None = None
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_per_call_ms_per_s: dict[str, float] = field(default_factory=dict)
+    bridge_playout: dict[str, float] = field(default_factory=dict)  # the bridge's own /metrics
     machine_busy_pct: float = 0.0
     loadavg_before: float = 0.0
     loadavg_after: float = 0.0
@@ -366,6 +399,7 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
            else GatewaySim(**sim_options))
     bridge: BridgeProcess | None = None
     ami: AmiClient | None = None
+    api_port = free_port()
     try:
         ensure_proc(root)
         await asyncio.to_thread(asterisk.start)
@@ -373,7 +407,7 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
         bridge = BridgeProcess({
             "audiosocket": {"listen": f"127.0.0.1:{asterisk.audiosocket_port}"},
             "gateway": {"url": sim.url, "api_key": KEY},
-            "api": {"enabled": False},
+            "api": {"listen": f"127.0.0.1:{api_port}", "token": API_TOKEN},
             "ami": {"enabled": True, "port": asterisk.ami_port, "username": asterisk.ami_username,
                     "secret": asterisk.ami_secret},
             "profiles": {"default": {"first_message": None, "farewell_message": None, "tools": [],
@@ -437,6 +471,7 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
             await asyncio.sleep(0.2)
         result.duration_s = round(time.monotonic() - t0, 1)
         cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        result.bridge_playout = await bridge_playout_metrics(api_port)
         busy1, total1 = machine_jiffies()
         result.loadavg_after = loadavg()
         result.cpu_s = {k: round(cpu1[k] - cpu0[k], 2) for k in pids}
@@ -490,6 +525,8 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
             except (wave.Error, EOFError) as exc:
                 result.problems.append(f"call {i}: recording unreadable: {exc}")
         result.callers_heard_burst_whole += c.whole
+        result.callers_heard_burst_without_hole += c.whole and not c.hole_ms
+        result.burst_hole_ms_max = max(result.burst_hole_ms_max, c.hole_ms)
         result.gateways_heard_caller_whole += g.whole
         if g.lost_ms is not None:
             lost.append(g.lost_ms)
@@ -507,13 +544,17 @@ async def run_step(root: Path, workdir: Path, calls: int, *, rate: float = 10.0,
 
 
 def table(results: list[StepResult]) -> str:
-    head = (f"{'calls':>5} {'burst whole':>11} {'caller whole':>12} {'lost>' + str(START_TOLERANCE_MS) + 'ms':>10} "
-            f"{'lost max/p99/p50 ms':>20} {'CPU s ast/bridge/gen':>21} {'busy %':>6} {'load':>9}")
+    head = (f"{'calls':>5} {'burst whole':>11} {'no hole':>7} {'hole max':>8} {'late ticks':>10} {'caller whole':>12} "
+            f"{'lost>' + str(START_TOLERANCE_MS) + 'ms':>10} {'lost max/p99/p50 ms':>20} {'CPU s ast/bridge/gen':>21} "
+            f"{'busy %':>6} {'load':>9}")
     lines = [head]
     for r in results:
         lost = "/".join("-" if v is None else f"{v:g}" for v in (r.lost_ms_max, r.lost_ms_p99, r.lost_ms_p50))
         cpu = "/".join(f"{r.cpu_s.get(k, float('nan')):.1f}" for k in ("asterisk", "bridge", "load generator"))
-        lines.append(f"{r.calls:>5} {r.callers_heard_burst_whole:>5}/{r.calls:<5} {r.gateways_heard_caller_whole:>6}/"
+        late = r.bridge_playout.get("late_ticks", float("nan"))
+        lines.append(f"{r.calls:>5} {r.callers_heard_burst_whole:>5}/{r.calls:<5} "
+                     f"{r.callers_heard_burst_without_hole:>7} {r.burst_hole_ms_max:>6.0f}ms {late:>10.0f} "
+                     f"{r.gateways_heard_caller_whole:>6}/"
                      f"{r.calls:<5} {r.gateways_lost_start:>10} {lost:>20} {cpu:>21} {r.machine_busy_pct:>6.1f} "
                      f"{r.loadavg_before:>4.2f}>{r.loadavg_after:<4.2f}")
     return "\n".join(lines)
