@@ -194,7 +194,7 @@ def caller_heard(pcm: bytes, burst_ms: int) -> CallerHeard:
     out.burst_frames = len(hit)
     out.span_frames = int(hit[-1] - hit[0] + 1) if len(hit) else 0
     out.whole = abs(len(hit) - expected) <= BURST_TOLERANCE_FRAMES
-    out.hole_ms = max(0, out.span_frames - len(hit) - 1) * 20.0  # one frame split by the slot edge is not a hole
+    out.hole_ms = (out.span_frames - len(hit)) * 20.0  # to a frame: partly filled frames may count either way
     return out
 
 
