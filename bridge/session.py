@@ -20,7 +20,7 @@ import collections
 import logging
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,8 +62,6 @@ SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
 #: How long tools still running may take to answer after the call was handed to Asterisk.
 HANDOFF_GRACE_S = 2.0
-#: Longest the downlink handles gateway messages without giving the event loop a turn.
-DOWNLINK_SLICE_S = 0.004
 #: Gateway error messages that mean "the call is over" rather than "the gateway failed".
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
 
@@ -500,49 +498,46 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.end("internal-error")
 
     async def _downlink(self, gateway: Gateway) -> None:
-        # A WebSocket hands over messages it has already buffered without suspending, so a
-        # gateway that floods (1500 tool calls in one burst) would hold the event loop — and
-        # every call's playout — for as long as it takes to handle them all. Give the loop a
-        # turn whenever this call has had it for DOWNLINK_SLICE_S.
-        loop = asyncio.get_running_loop()
-        slice_end = loop.time() + DOWNLINK_SLICE_S
-        async for event in gateway.events():
-            if loop.time() >= slice_end:
-                await asyncio.sleep(0)
-                slice_end = loop.time() + DOWNLINK_SLICE_S
-            if isinstance(event, AudioOut):
-                if self._floor_taken:
-                    self.stats["stale_audio_dropped"] += 1
-                    continue
-                pcm = self._down.process(event.pcm) if self._down is not None else event.pcm
-                self.playout.push(pcm)
-                self._audio_arrived.set()
-            elif isinstance(event, ClearPlayback):
-                self._barge_in("gateway")
-            elif isinstance(event, ToolCall):
-                assert self.router is not None
-                self.router.dispatch(event.call_id, event.name, event.args, problem=event.problem)
-            elif isinstance(event, Transcript):
-                if event.final:
-                    item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
-                    self.transcript.append(item)
-                    self._publish("transcript", self.call_id, **item)
-            elif isinstance(event, ResponseDone):
-                self.stats["responses"] += 1
-            elif isinstance(event, RemoteHangup):
-                self.log.info("gateway hung up")
-                self.end("gateway-hangup", after_speech=True, tail=0)
-            elif isinstance(event, RemoteError):
-                await self._on_gateway_error(event.message)
-            elif isinstance(event, Closed):
-                state = self._fsm.state
-                if state not in FINISHING and state is not CallState.DRAINING:
-                    if event.clean:
-                        self.end("gateway-closed", after_speech=True, tail=0)
-                    else:
-                        self.log.error("gateway connection lost (code %s: %s)", event.code, event.reason or "-")
-                        await self._fallback(f"gateway connection lost ({event.code})")
-                return
+        # The gateway calls _on_gateway_event for each event as it arrives (a WebSocket adapter:
+        # straight from its connection's read callback), and paces a flood itself
+        # (bridge/gateway/base.py, DOWNLINK_SLICE_S).
+        await gateway.deliver(self._on_gateway_event)
+
+    def _on_gateway_event(self, event: Any) -> Awaitable[None] | None:
+        """One gateway event, handled now; an awaitable when the rest must wait for it (fallback)."""
+        if type(event) is AudioOut:  # 50 times a second while the AI speaks: first, and no isinstance
+            if self._floor_taken:
+                self.stats["stale_audio_dropped"] += 1
+                return None
+            down = self._down
+            self.playout.push(down.process(event.pcm) if down is not None else event.pcm)
+            self._audio_arrived.set()
+        elif isinstance(event, ClearPlayback):
+            self._barge_in("gateway")
+        elif isinstance(event, ToolCall):
+            assert self.router is not None
+            self.router.dispatch(event.call_id, event.name, event.args, problem=event.problem)
+        elif isinstance(event, Transcript):
+            if event.final:
+                item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
+                self.transcript.append(item)
+                self._publish("transcript", self.call_id, **item)
+        elif isinstance(event, ResponseDone):
+            self.stats["responses"] += 1
+        elif isinstance(event, RemoteHangup):
+            self.log.info("gateway hung up")
+            self.end("gateway-hangup", after_speech=True, tail=0)
+        elif isinstance(event, RemoteError):
+            return self._on_gateway_error(event.message)
+        elif isinstance(event, Closed):
+            state = self._fsm.state
+            if state not in FINISHING and state is not CallState.DRAINING:
+                if event.clean:
+                    self.end("gateway-closed", after_speech=True, tail=0)
+                else:
+                    self.log.error("gateway connection lost (code %s: %s)", event.code, event.reason or "-")
+                    return self._fallback(f"gateway connection lost ({event.code})")
+        return None
 
     async def _on_gateway_error(self, message: str) -> None:
         if message in NORMAL_END_ERRORS:
