@@ -114,12 +114,20 @@ async def _bridge_main(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGUSR1, lambda: _dump_bridge_stats(bridge, args.stats))
     await bridge.start()
     freeze_startup_heap()  # as `voxbridge serve` does
+    if args.stalls:
+        from .stalls import install
+
+        _SAMPLERS.append(install(args.stalls))
     print("ready", flush=True)
     try:
         await stop.wait()
     finally:
         await bridge.stop(grace=2.0)
     return 0
+
+
+#: This bridge process's stall sampler (``--stalls``), if any.
+_SAMPLERS: list[Any] = []
 
 
 def _dump_bridge_stats(bridge: Any, path: str) -> None:
@@ -137,6 +145,8 @@ def _dump_bridge_stats(bridge: Any, path: str) -> None:
         "frames_out_dropped": dropped,
         "calls": [int(_uuid.UUID(cid)) & 0xFFFFFFFF for cid in bridge.sessions],
     }
+    if _SAMPLERS:
+        stats["stalls"] = _SAMPLERS[0].report()
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(stats, f)
@@ -723,7 +733,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
     for i in range(args.workers):
         workers.append(await procs.start(
             sys.executable, "-m", "bridge.devtools.bench", "_bridge", "--config", str(cfg_path),
-            "--stats", str(tmp / f"bridge-{i}.json"), log=tmp / "bridge.log", env=env,
+            "--stats", str(tmp / f"bridge-{i}.json"), *(("--stalls", str(args.stalls)) if args.stalls else ()),
+            log=tmp / "bridge.log", env=env,
         ))
     await asyncio.sleep(0.5)
     wpids = [w.pid for w in workers]
@@ -738,6 +749,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         await asyncio.sleep(0.3)
         phases: dict[int, float] = {}
         clock: list[dict[str, Any]] = []
+        stalls: list[dict[str, Any]] = []
         dropped = 0
         for i in range(args.workers):
             try:
@@ -745,6 +757,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
             except (OSError, ValueError):
                 continue
             clock.append(st["clock"])
+            if "stalls" in st:
+                stalls.append(st["stalls"])
             dropped += st["frames_out_dropped"]
             phases.update({int(c): ph for c, ph in st["call_phases"].items() if ph is not None})
         res = _analyse(_load_callers(m["files"]), phases)
@@ -765,6 +779,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         "window_s": m["window_s"],
         "bridge_frames_out_dropped": dropped,
         "bridge_clock": clock,
+        **({"stalls": stalls} if stalls else {}),
         # The bridge's own view of its playout clock (what no caller-side noise can blame on it):
         # worst worker's tick lateness and the time one tick takes to serve every call.
         "bridge_tick": {
@@ -1004,6 +1019,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"concurrent calls per step, ramped in order (default {DEFAULT_STEPS})")
     for flag, kind, default, metavar, help_ in _NUMERIC_OPTIONS:
         parser.add_argument(flag, type=kind, default=kind(default), metavar=metavar, help=help_)
+    parser.add_argument("--stalls", type=float, nargs="?", const=2.0, default=0.0, metavar="MS",
+                        help="sample what holds the bridge's event loop when it is more than MS late "
+                             "(default 2; bridge/devtools/stalls.py) and report it per step")
     parser.add_argument("--out", default="bench-results", metavar="DIR",
                         help="where bench.json and bench.png go (default ./bench-results)")
     for flag, help_ in _SWITCHES:
@@ -1020,6 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("_bridge")
     b.add_argument("--config", required=True)
     b.add_argument("--stats", required=True)
+    b.add_argument("--stalls", type=float, default=0.0)
     c = sub.add_parser("_callers")
     c.add_argument("--host", default="127.0.0.1")
     for name in ("--port", "--first-id", "--count", "--groups"):
