@@ -51,8 +51,13 @@ log = logging.getLogger("voxbridge.call")
 
 #: Grace beyond the profile's max_duration before the bridge ends a call the gateway did not.
 MAX_DURATION_GRACE_S = 10.0
-#: Caller audio held while the gateway connection is being opened (bounded, oldest dropped).
-PRECONNECT_FRAMES = 100
+#: Caller audio held while the call is being set up — its settings resolved (under load, AMI
+#: correlation waits for the channel), the gateway connected — then handed to the gateway whole,
+#: in order (``Gateway.send_held_audio``): a caller who speaks at once keeps their first words.
+#: Bounded by time, not by a frame count a slow start would overrun: beyond this much audio the
+#: oldest is dropped (counted in ``preconnect_dropped``). At the caller's rate that is
+#: ``PRECONNECT_HOLD_S * rate * 2`` bytes: 160 000 at 8 kHz, 320 000 at 16 kHz, per call.
+PRECONNECT_HOLD_S = 10.0
 #: Before connecting, how long to wait for the caller's first audio frame, which tells the caller's
 #: rate (AudioSocket: the frame's kind): adapters choose their wire format from it (OpenAI Realtime
 #: speaks µ-law to an 8 kHz call, PCM 24 kHz to a 16 kHz one). Asterisk sends a frame every 20 ms.
@@ -186,7 +191,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: is the rest of the answer the caller just cut off, and is dropped.
         self._floor_taken = False
         self.gateway: Gateway | None = None
-        self._preconnect: collections.deque[bytes] = collections.deque(maxlen=PRECONNECT_FRAMES)
+        self._preconnect: collections.deque[bytes] = collections.deque()
+        self._preconnect_bytes = 0
         self._first_frame = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self.router: ToolRouter | None = None
@@ -373,9 +379,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self._init_uplink()
         # Held at the caller's rate while connecting: resample now, through the call's own
         # (stateful) resampler, so the first words reach the AI at the right pitch.
-        while self._preconnect:
-            pcm = self._preconnect.popleft()
-            gateway.send_audio(self._up.process(pcm) if self._up is not None else pcm)
+        held, self._preconnect, self._preconnect_bytes = list(self._preconnect), collections.deque(), 0
+        if held:
+            up = self._up
+            gateway.send_held_audio([up.process(pcm) for pcm in held] if up is not None else held)
+            self.stats["preconnect_frames"] += len(held)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(profile.max_duration + MAX_DURATION_GRACE_S, self._max_duration)
         await self._downlink(gateway)
@@ -416,8 +424,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             return
         gw = self.gateway
         if gw is None:
-            self._preconnect.append(pcm)  # resampled when the gateway is connected
-            self._first_frame.set()
+            self._hold_preconnect(pcm)
             return
         vad = self._vad
         if vad is not None and (what := vad.feed_chunk(pcm)) is not None:
@@ -425,12 +432,24 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         up = self._up
         gw.send_audio(up.process(pcm) if up is not None else pcm)
 
+    def _hold_preconnect(self, pcm: bytes) -> None:
+        """Hold a caller frame until the gateway is connected (resampled then): PRECONNECT_HOLD_S at most."""
+        held = self._preconnect
+        held.append(pcm)
+        self._preconnect_bytes += len(pcm)
+        cap = int(PRECONNECT_HOLD_S * self.caller_rate) * 2
+        while self._preconnect_bytes > cap:
+            self._preconnect_bytes -= len(held.popleft())
+            self.stats["preconnect_dropped"] += 1
+        self._first_frame.set()
+
     def on_caller_rate(self, rate: int) -> None:
         """The leg's rate changed (before the first frame at the new rate)."""
         self.log.info("caller audio at %d Hz", rate)
         self.caller_rate = rate
         self.playout = PlayoutBuffer(rate, self.services.config.audiosocket.playout_max_seconds)
         self._preconnect.clear()
+        self._preconnect_bytes = 0
         if self.gateway is not None:
             self._init_uplink()
 

@@ -151,6 +151,14 @@ class Gateway(abc.ABC):
     def send_audio(self, pcm: bytes) -> None:
         """Queue caller audio (s16le at ``sample_rate``). Non-blocking, bounded."""
 
+    def send_held_audio(self, frames: list[bytes]) -> None:
+        """Caller audio the session held while the call was being set up (settings, correlation,
+        connect: up to ``bridge.session.PRECONNECT_HOLD_S`` of it), in order, right after
+        :meth:`connect`. Unlike :meth:`send_audio`'s, this backlog is the caller's first words
+        and is not trimmed to the adapter's usual bounds. Default: :meth:`send_audio` each frame."""
+        for pcm in frames:
+            self.send_audio(pcm)
+
     @abc.abstractmethod
     async def send_tool_result(self, call_id: str, result: str) -> None: ...
 

@@ -271,6 +271,8 @@ class WebSocketGateway(Gateway):
         self._uplink_frames = 0  # audio messages queued (each one 20 ms frame, or what the leg gave)
         self._uplink_limit = 0
         self._hold_limit = 0
+        # Frames of the session's set-up backlog (send_held_audio) still queued: never trimmed.
+        self._held_allowance = 0
         self._released = False
         self._uplink_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -398,12 +400,25 @@ class WebSocketGateway(Gateway):
                 return
             # Back-pressure (or closing): queue, and let the sender wait for the socket to drain.
         self._uplink.append(message)
-        limit = self._uplink_limit if self._released else self._hold_limit
+        limit = max(self._uplink_limit if self._released else self._hold_limit, self._held_allowance)
         while len(self._uplink) > limit:
             # Oldest first: while held we keep the most recent speech; later, a gateway that
             # cannot keep up loses stale audio rather than falling ever further behind.
             self._uplink.popleft()
             self._stats["dropped_up"] += 1
+        if self._released:
+            self._uplink_ready.set()
+
+    def send_held_audio(self, frames: list[bytes]) -> None:
+        """The caller's first words, held by the session during set-up: queued whole, in order
+        (behind the opening messages), and sent as soon as the uplink is released. Until the
+        sender has caught up with them, the queue's bound grows to hold them."""
+        if self._closed or not frames:
+            return
+        encode = self._encode_audio
+        self._uplink.extend(encode(pcm) for pcm in frames if pcm)
+        self._direct = False
+        self._held_allowance = len(self._uplink)
         if self._released:
             self._uplink_ready.set()
 
@@ -420,6 +435,8 @@ class WebSocketGateway(Gateway):
                         await ws.send(control.popleft())
                         continue
                     message = uplink.popleft()
+                    if self._held_allowance:
+                        self._held_allowance -= 1
                     await ws.send(message)  # one message per frame: 20 ms granularity, never batched
                     stats["frames_up"] += 1
                     stats["bytes_up"] += self._pcm_len(message)
