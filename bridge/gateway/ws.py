@@ -54,6 +54,8 @@ import collections
 import functools
 import json
 import logging
+import os
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -62,6 +64,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
 
 from .base import DOWNLINK_SLICE_S, Closed, EventHandler, Gateway, GatewayError, GatewayEvent, SessionSetup
 
@@ -76,6 +83,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DIRECT_WRITE_LIMIT = 64 * 1024
 #: How long a close waits for the gateway's half of the closing handshake before dropping TCP.
 CLOSE_TIMEOUT_S = 2.0
+#: Masking keys are drawn from the OS CSPRNG this many bytes (keys × 4) at a time.
+MASK_POOL_BYTES = 4096
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
 
 
 class UplinkConnection(ClientConnection):
@@ -92,10 +103,11 @@ class UplinkConnection(ClientConnection):
       other keyword arguments go there), so asyncio hands it its transport in
       ``connection_made()``.
 
-    :meth:`write_message` frames with the former and writes with the latter, exactly as websockets'
-    own ``send()`` does before it awaits draining. It is safe to interleave with ``send()``: every
-    message an adapter sends is a single frame, framed and written synchronously, so no
-    fragmented message is ever in progress.
+    :meth:`write_message` checks the former's state and writes with the latter what websockets' own
+    ``send()`` writes before it awaits draining: one masked, unfragmented frame (framed here, RFC
+    6455 §5.2, since the protocol's framing costs a Frame object and a getrandom() call a frame).
+    It is safe to interleave with ``send()``: every message an adapter sends is a single frame,
+    framed and written synchronously, so no fragmented message is ever in progress.
     """
 
     def __init__(self, protocol: ClientProtocol, *, on_message: Callable[[str | bytes], None] | None = None,
@@ -103,6 +115,8 @@ class UplinkConnection(ClientConnection):
         super().__init__(protocol, **kwargs)
         self.uplink_protocol = protocol
         self.uplink_transport: asyncio.Transport | None = None
+        self._mask_pool = b""
+        self._mask_at = 0
         #: With a sink, every data message goes to it from ``data_received`` (text as str,
         #: binary as bytes) instead of websockets' assembler and ``recv()``; ``on_lost`` is
         #: called once the connection is closed (``protocol.close_rcvd``/``close_sent`` then
@@ -130,15 +144,37 @@ class UplinkConnection(ClientConnection):
                 or transport.get_write_buffer_size() >= write_limit):
             return False
         if isinstance(data, str):
-            protocol.send_text(data.encode())
+            payload, first = data.encode(), 0x81  # FIN + text
         else:
-            protocol.send_binary(data)
-        for chunk in protocol.data_to_send():
-            if chunk:
-                transport.write(chunk)
-            # An empty chunk (end of stream) only follows a close, never a data frame sent while
-            # OPEN; the closing side is websockets' own.
+            payload, first = data, 0x82  # FIN + binary
+        if protocol.extensions or protocol.expect_continuation_frame:
+            # Not the case for our connections (no compression, no fragments): websockets frames it.
+            (protocol.send_text if first == 0x81 else protocol.send_binary)(payload)
+            for chunk in protocol.data_to_send():
+                if chunk:
+                    transport.write(chunk)
+            return True
+        # Hot path: RFC 6455 §5.2 framing of one unfragmented client frame, as Frame.serialize
+        # does it, without a Frame object, a writes list and a getrandom() system call per frame.
+        n = len(payload)
+        if n < 126:
+            header = bytes((first, 0x80 | n))
+        elif n < 65536:
+            header = _HEADER16.pack(first, 0x80 | 126, n)
+        else:
+            header = _HEADER64.pack(first, 0x80 | 127, n)
+        mask = self._mask_key()
+        transport.write(header + mask + apply_mask(payload, mask))
         return True
+
+    def _mask_key(self) -> bytes:
+        """A fresh 4-byte masking key (RFC 6455 §5.3: unpredictable; from the OS CSPRNG, 1024 at a time)."""
+        pool, at = self._mask_pool, self._mask_at
+        if at >= len(pool):
+            pool, at = os.urandom(MASK_POOL_BYTES), 0
+            self._mask_pool = pool
+        self._mask_at = at + 4
+        return pool[at:at + 4]
 
     def data_received(self, data: bytes) -> None:
         self.read_started = 0.0
