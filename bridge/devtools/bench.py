@@ -76,6 +76,9 @@ MARK = struct.Struct("<4sB3xIIIIddddd")  # see bridge/devtools/gateway_sim.py, "
 KIND_CALLER, KIND_BURST = 1, 2
 UUID_BASE = 0xB3 << 120  # caller i connects as UUID(int=UUID_BASE | i)
 
+#: The directory holding the ``bridge`` package this file belongs to (the bench's processes start there).
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
 #: The aims of the issue. Media service levels decide whether a step "held".
 SERVICE_LEVELS = {
     "lost_frames": 0,
@@ -471,7 +474,10 @@ class _Procs:
         with open(log, "ab") as errf:  # noqa: ASYNC230
             p = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE if ready else asyncio.subprocess.DEVNULL,
-                stderr=errf, env=env, cwd=str(Path(__file__).resolve().parent.parent),  # noqa: ASYNC240
+                # From the directory that holds this ``bridge`` package: ``python -m bridge…`` then
+                # runs this very code, not whatever copy is installed (an editable install of
+                # another checkout would otherwise win, and the bench would measure that).
+                stderr=errf, env=env, cwd=str(_SOURCE_ROOT),
             )
         self.procs.append(p)
         if ready:

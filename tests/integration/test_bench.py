@@ -78,3 +78,16 @@ def test_relative_verdict_subtracts_what_the_relay_suffered_too():
     bench._judge(worse)
     assert set(worse["relative"]["broken"]) == {"added_late_per_1000", "added_jitter_p99_ms",
                                                 "added_latency_p99_ms"}
+
+
+def test_the_bench_processes_run_this_checkout_not_an_installed_copy():
+    """The bridge, callers and relay start with ``python -m bridge…`` from the directory holding
+    this very package: a bench run from a worktree measures that worktree's code, even when the
+    venv has another checkout installed in editable mode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", "import bridge; print(bridge.__file__)"], cwd=bench._SOURCE_ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve() == Path(bench.__file__).resolve().parents[1] / "__init__.py"
