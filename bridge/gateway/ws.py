@@ -84,7 +84,7 @@ DIRECT_WRITE_LIMIT = 64 * 1024
 #: How long a close waits for the gateway's half of the closing handshake before dropping TCP.
 CLOSE_TIMEOUT_S = 2.0
 #: Masking keys are drawn from the OS CSPRNG this many bytes (keys × 4) at a time.
-MASK_POOL_BYTES = 4096
+MASK_POOL_BYTES = 1024
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
 
@@ -168,7 +168,7 @@ class UplinkConnection(ClientConnection):
         return True
 
     def _mask_key(self) -> bytes:
-        """A fresh 4-byte masking key (RFC 6455 §5.3: unpredictable; from the OS CSPRNG, 1024 at a time)."""
+        """A fresh 4-byte masking key (RFC 6455 §5.3: unpredictable; from the OS CSPRNG, 256 at a time)."""
         pool, at = self._mask_pool, self._mask_at
         if at >= len(pool):
             pool, at = os.urandom(MASK_POOL_BYTES), 0
