@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,8 +57,13 @@ log = logging.getLogger("voxbridge.call")
 
 #: Grace beyond the profile's max_duration before the bridge ends a call the gateway did not.
 MAX_DURATION_GRACE_S = 10.0
-#: Caller audio held while the gateway connection is being opened (bounded, oldest dropped).
-PRECONNECT_FRAMES = 100
+#: Caller audio held while the call is being set up — its settings resolved (under load, AMI
+#: correlation waits for the channel), the gateway connected — then handed to the gateway whole,
+#: in order (``Gateway.send_held_audio``): a caller who speaks at once keeps their first words.
+#: Bounded by time, not by a frame count a slow start would overrun: beyond this much audio the
+#: oldest is dropped (counted in ``preconnect_dropped``). At the caller's rate that is
+#: ``PRECONNECT_HOLD_S * rate * 2`` bytes: 160 000 at 8 kHz, 320 000 at 16 kHz, per call.
+PRECONNECT_HOLD_S = 10.0
 #: Before connecting, how long to wait for the caller's first audio frame, which tells the caller's
 #: rate (AudioSocket: the frame's kind): adapters choose their wire format from it (OpenAI Realtime
 #: speaks µ-law to an 8 kHz call, PCM 24 kHz to a 16 kHz one). Asterisk sends a frame every 20 ms.
@@ -68,8 +73,6 @@ SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
 #: How long tools still running may take to answer after the call was handed to Asterisk.
 HANDOFF_GRACE_S = 2.0
-#: Longest the downlink handles gateway messages without giving the event loop a turn.
-DOWNLINK_SLICE_S = 0.004
 #: Gateway error messages that mean "the call is over" rather than "the gateway failed".
 NORMAL_END_ERRORS = frozenset({"max_duration_reached"})
 #: Most bytes of JSON the call's metadata may grow to through the API's ``tags`` command.
@@ -204,7 +207,8 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: is the rest of the answer the caller just cut off, and is dropped.
         self._floor_taken = False
         self.gateway: Gateway | None = None
-        self._preconnect: collections.deque[bytes] = collections.deque(maxlen=PRECONNECT_FRAMES)
+        self._preconnect: collections.deque[bytes] = collections.deque()
+        self._preconnect_bytes = 0
         self._first_frame = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self.router: ToolRouter | None = None
@@ -410,9 +414,11 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self._init_uplink()
         # Held at the caller's rate while connecting: resample now, through the call's own
         # (stateful) resampler, so the first words reach the AI at the right pitch.
-        while self._preconnect:
-            pcm = self._preconnect.popleft()
-            gateway.send_audio(self._up.process(pcm) if self._up is not None else pcm)
+        held, self._preconnect, self._preconnect_bytes = list(self._preconnect), collections.deque(), 0
+        if held:
+            up = self._up
+            gateway.send_held_audio([up.process(pcm) for pcm in held] if up is not None else held)
+            self.stats["preconnect_frames"] += len(held)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(profile.max_duration + MAX_DURATION_GRACE_S, self._max_duration)
         if profile.silence is not None:
@@ -475,8 +481,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             pcm = self._silent(len(pcm))
         gw = self.gateway
         if gw is None:
-            self._preconnect.append(pcm)  # resampled when the gateway is connected
-            self._first_frame.set()
+            self._hold_preconnect(pcm)
             return
         if muted:
             if self._silence is not None:
@@ -489,6 +494,17 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         up = self._up
         gw.send_audio(up.process(pcm) if up is not None else pcm)
 
+    def _hold_preconnect(self, pcm: bytes) -> None:
+        """Hold a caller frame until the gateway is connected (resampled then): PRECONNECT_HOLD_S at most."""
+        held = self._preconnect
+        held.append(pcm)
+        self._preconnect_bytes += len(pcm)
+        cap = int(PRECONNECT_HOLD_S * self.caller_rate) * 2
+        while self._preconnect_bytes > cap:
+            self._preconnect_bytes -= len(held.popleft())
+            self.stats["preconnect_dropped"] += 1
+        self._first_frame.set()
+
     def on_caller_rate(self, rate: int) -> None:
         """The leg's rate changed (before the first frame at the new rate)."""
         self.log.info("caller audio at %d Hz", rate)
@@ -497,6 +513,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self._preconnect.clear()
         if self.recorder is not None:
             self.recorder.rate_changed(rate)
+        self._preconnect_bytes = 0
         if self.gateway is not None:
             self._init_uplink()
 
@@ -581,51 +598,48 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.end("internal-error")
 
     async def _downlink(self, gateway: Gateway) -> None:
-        # A WebSocket hands over messages it has already buffered without suspending, so a
-        # gateway that floods (1500 tool calls in one burst) would hold the event loop — and
-        # every call's playout — for as long as it takes to handle them all. Give the loop a
-        # turn whenever this call has had it for DOWNLINK_SLICE_S.
-        loop = asyncio.get_running_loop()
-        slice_end = loop.time() + DOWNLINK_SLICE_S
-        async for event in gateway.events():
-            if loop.time() >= slice_end:
-                await asyncio.sleep(0)
-                slice_end = loop.time() + DOWNLINK_SLICE_S
-            if isinstance(event, AudioOut):
-                if self._floor_taken:
-                    self.stats["stale_audio_dropped"] += 1
-                    continue
-                pcm = self._down.process(event.pcm) if self._down is not None else event.pcm
-                self.playout.push(pcm)
-                self._audio_arrived.set()
-                if self._silence is not None:  # the caller is listening until this has played
-                    self._silence.ai_speaking_until(time.monotonic() + self.playout.pending_ms / 1000)
-            elif isinstance(event, ClearPlayback):
-                self._barge_in("gateway")
-            elif isinstance(event, ToolCall):
-                assert self.router is not None
-                self.router.dispatch(event.call_id, event.name, event.args, problem=event.problem)
-            elif isinstance(event, Transcript):
-                if event.final:
-                    item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
-                    self.transcript.append(item)
-                    self._publish("transcript", self.call_id, **item)
-            elif isinstance(event, ResponseDone):
-                self.stats["responses"] += 1
-            elif isinstance(event, RemoteHangup):
-                self.log.info("gateway hung up")
-                self.end("gateway-hangup", after_speech=True, tail=0)
-            elif isinstance(event, RemoteError):
-                await self._on_gateway_error(event.message)
-            elif isinstance(event, Closed):
-                state = self._fsm.state
-                if state not in FINISHING and state is not CallState.DRAINING:
-                    if event.clean:
-                        self.end("gateway-closed", after_speech=True, tail=0)
-                    else:
-                        self.log.error("gateway connection lost (code %s: %s)", event.code, event.reason or "-")
-                        await self._fallback(f"gateway connection lost ({event.code})")
-                return
+        # The gateway calls _on_gateway_event for each event as it arrives (a WebSocket adapter:
+        # straight from its connection's read callback), and paces a flood itself
+        # (bridge/gateway/base.py, DOWNLINK_SLICE_S).
+        await gateway.deliver(self._on_gateway_event)
+
+    def _on_gateway_event(self, event: Any) -> Awaitable[None] | None:
+        """One gateway event, handled now; an awaitable when the rest must wait for it (fallback)."""
+        if type(event) is AudioOut:  # 50 times a second while the AI speaks: first, and no isinstance
+            if self._floor_taken:
+                self.stats["stale_audio_dropped"] += 1
+                return None
+            down = self._down
+            self.playout.push(down.process(event.pcm) if down is not None else event.pcm)
+            self._audio_arrived.set()
+            if self._silence is not None:  # the caller is listening until this has played
+                self._silence.ai_speaking_until(time.monotonic() + self.playout.pending_ms / 1000)
+        elif isinstance(event, ClearPlayback):
+            self._barge_in("gateway")
+        elif isinstance(event, ToolCall):
+            assert self.router is not None
+            self.router.dispatch(event.call_id, event.name, event.args, problem=event.problem)
+        elif isinstance(event, Transcript):
+            if event.final:
+                item = {"role": event.role, "text": event.text, "t": round(time.monotonic() - self._t0, 3)}
+                self.transcript.append(item)
+                self._publish("transcript", self.call_id, **item)
+        elif isinstance(event, ResponseDone):
+            self.stats["responses"] += 1
+        elif isinstance(event, RemoteHangup):
+            self.log.info("gateway hung up")
+            self.end("gateway-hangup", after_speech=True, tail=0)
+        elif isinstance(event, RemoteError):
+            return self._on_gateway_error(event.message)
+        elif isinstance(event, Closed):
+            state = self._fsm.state
+            if state not in FINISHING and state is not CallState.DRAINING:
+                if event.clean:
+                    self.end("gateway-closed", after_speech=True, tail=0)
+                else:
+                    self.log.error("gateway connection lost (code %s: %s)", event.code, event.reason or "-")
+                    return self._fallback(f"gateway connection lost ({event.code})")
+        return None
 
     async def _on_gateway_error(self, message: str) -> None:
         if message in NORMAL_END_ERRORS:

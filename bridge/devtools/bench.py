@@ -24,8 +24,21 @@ In the same run, a **bare relay baseline** (:func:`_relay_main`: an asyncio TCP 
 no protocol work, in front of a TCP echo server) carries the same callers' bytes, and the
 bridge's CPU per call is reported as a ratio to it — a ratio survives machine noise.
 
-N ramps through ``--calls`` and stops at the first step that breaks a service level; the largest
-N that held is reported. Output: ``bench.json`` and ``bench.png`` (needs matplotlib) in ``--out``.
+Two verdicts per step:
+
+* **absolute**: the service levels (``SERVICE_LEVELS``) as measured, which include whatever the
+  machine adds (a 2-core machine shared with the load generator and the gateway simulator adds
+  a lot);
+* **relative**: the bridge judged against the bare relay's own figures from the same run, on the
+  same machine and load generator (``RELATIVE_LEVELS``): jitter it adds (its p99 minus the
+  relay's), latency it adds (uplink + downlink-added p99 minus the relay's round-trip p99, both
+  being two loopback hops through one Python process), late frames beyond the relay's (per
+  1000 frames received, as the two run for different durations), no lost frames and ≤ 1 MB per
+  call. Noise that hits both cancels out; what is left is the bridge's.
+
+N ramps through ``--calls`` and stops at the first step that breaks (the relative verdict when
+the baseline runs, else the absolute one); the largest N that held is reported for each.
+Output: ``bench.json`` and ``bench.png`` (needs matplotlib) in ``--out``.
 
 Processes (all started here, stopped by PID): ``python -m bridge.devtools.gateway_sim --bench-echo``,
 ``python -m bridge.devtools.bench _bridge`` × ``--workers`` (a ``Bridge`` with the no-op bench tool,
@@ -63,6 +76,9 @@ MARK = struct.Struct("<4sB3xIIIIddddd")  # see bridge/devtools/gateway_sim.py, "
 KIND_CALLER, KIND_BURST = 1, 2
 UUID_BASE = 0xB3 << 120  # caller i connects as UUID(int=UUID_BASE | i)
 
+#: The directory holding the ``bridge`` package this file belongs to (the bench's processes start there).
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
 #: The aims of the issue. Media service levels decide whether a step "held".
 SERVICE_LEVELS = {
     "lost_frames": 0,
@@ -70,6 +86,14 @@ SERVICE_LEVELS = {
     "jitter_p99_ms": 2.0,
     "uplink_p99_ms": 5.0,
     "downlink_added_p99_ms": 5.0,
+    "rss_per_call_mb": 1.0,
+}
+#: The bridge against the bare relay of the same run (see the module doc).
+RELATIVE_LEVELS = {
+    "lost_frames": 0,
+    "added_late_per_1000": 0.2,
+    "added_jitter_p99_ms": 2.0,
+    "added_latency_p99_ms": 5.0,
     "rss_per_call_mb": 1.0,
 }
 CPU_RATIO_AIM = 2.0
@@ -114,12 +138,20 @@ async def _bridge_main(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGUSR1, lambda: _dump_bridge_stats(bridge, args.stats))
     await bridge.start()
     freeze_startup_heap()  # as `voxbridge serve` does
+    if args.stalls:
+        from .stalls import install
+
+        _SAMPLERS.append(install(args.stalls))
     print("ready", flush=True)
     try:
         await stop.wait()
     finally:
         await bridge.stop(grace=2.0)
     return 0
+
+
+#: This bridge process's stall sampler (``--stalls``), if any.
+_SAMPLERS: list[Any] = []
 
 
 def _dump_bridge_stats(bridge: Any, path: str) -> None:
@@ -137,6 +169,8 @@ def _dump_bridge_stats(bridge: Any, path: str) -> None:
         "frames_out_dropped": dropped,
         "calls": [int(_uuid.UUID(cid)) & 0xFFFFFFFF for cid in bridge.sessions],
     }
+    if _SAMPLERS:
+        stats["stalls"] = _SAMPLERS[0].report()
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(stats, f)
@@ -440,7 +474,10 @@ class _Procs:
         with open(log, "ab") as errf:  # noqa: ASYNC230
             p = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE if ready else asyncio.subprocess.DEVNULL,
-                stderr=errf, env=env, cwd=str(Path(__file__).resolve().parent.parent),  # noqa: ASYNC240
+                # From the directory that holds this ``bridge`` package: ``python -m bridge…`` then
+                # runs this very code, not whatever copy is installed (an editable install of
+                # another checkout would otherwise win, and the bench would measure that).
+                stderr=errf, env=env, cwd=str(_SOURCE_ROOT),
             )
         self.procs.append(p)
         if ready:
@@ -723,7 +760,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
     for i in range(args.workers):
         workers.append(await procs.start(
             sys.executable, "-m", "bridge.devtools.bench", "_bridge", "--config", str(cfg_path),
-            "--stats", str(tmp / f"bridge-{i}.json"), log=tmp / "bridge.log", env=env,
+            "--stats", str(tmp / f"bridge-{i}.json"), *(("--stalls", str(args.stalls)) if args.stalls else ()),
+            log=tmp / "bridge.log", env=env,
         ))
     await asyncio.sleep(0.5)
     wpids = [w.pid for w in workers]
@@ -738,6 +776,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         await asyncio.sleep(0.3)
         phases: dict[int, float] = {}
         clock: list[dict[str, Any]] = []
+        stalls: list[dict[str, Any]] = []
         dropped = 0
         for i in range(args.workers):
             try:
@@ -745,6 +784,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
             except (OSError, ValueError):
                 continue
             clock.append(st["clock"])
+            if "stalls" in st:
+                stalls.append(st["stalls"])
             dropped += st["frames_out_dropped"]
             phases.update({int(c): ph for c, ph in st["call_phases"].items() if ph is not None})
         res = _analyse(_load_callers(m["files"]), phases)
@@ -765,6 +806,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         "window_s": m["window_s"],
         "bridge_frames_out_dropped": dropped,
         "bridge_clock": clock,
+        **({"stalls": stalls} if stalls else {}),
         # The bridge's own view of its playout clock (what no caller-side noise can blame on it):
         # worst worker's tick lateness and the time one tick takes to serve every call.
         "bridge_tick": {
@@ -794,6 +836,7 @@ async def _baseline_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: 
                                                                args.baseline_duration)
         d = _load_callers(m["files"])
         rtt = (d["e_trecv"] - d["e_tsend"]) * 1000
+        media = _analyse(d, {})
     finally:
         await procs.stop(relay)
         await procs.stop(echo)
@@ -801,6 +844,9 @@ async def _baseline_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: 
         "calls": n, "relay_cpu_pct": m["cpu_pct"], "cpu_pct_per_call": round(m["cpu_pct"] / n, 4),
         "rss_mb": m["rss_mb"], "rss_per_call_mb": round((m["rss_mb"] - idle) / n, 3),
         "round_trip_ms": {"p50": _pct(rtt, 50), "p99": _pct(rtt, 99), "max": _max(rtt)},
+        "jitter_ms": media["jitter_ms"], "late_frames": media["late_frames"],
+        "frames_received": media["frames_received"], "lost_frames": media["lost_frames"],
+        "callers": media["callers"],
         "callers_cpu_pct": m["callers_cpu_pct"], "machine_busy_pct": m["machine_busy_pct"],
     }
 
@@ -826,6 +872,34 @@ def _judge(step: dict[str, Any]) -> None:
     step["held"] = not broken
     ratio = step.get("cpu_ratio_to_baseline")
     step["cpu_ratio_within_aim"] = None if ratio is None else ratio <= CPU_RATIO_AIM
+    base = step.get("baseline")
+    if base is None:
+        return
+    rel = relative_levels(step, base)
+    rel_broken = [k for k, limit in RELATIVE_LEVELS.items() if (v := rel[k]) is None or v > limit]
+    if "calls_completed" in broken:
+        rel_broken.append("calls_completed")
+    step["relative"] = {"levels": rel, "broken": rel_broken, "held": not rel_broken}
+
+
+def relative_levels(step: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """What the bridge adds to the bare relay of the same run (see the module doc)."""
+    def minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a - b, 3)
+
+    def per_1000(late: int, received: int) -> float:
+        return 1000 * late / received if received else 0.0
+
+    up, down = (step.get("uplink_ms") or {}).get("p99"), step["downlink_added_ms"]["p99"]
+    bridge_latency = None if up is None or down is None else up + down
+    return {
+        "lost_frames": step["lost_frames"],
+        "added_late_per_1000": round(per_1000(step["late_frames"], step["frames_received"])
+                                     - per_1000(base["late_frames"], base["frames_received"]), 3),
+        "added_jitter_p99_ms": minus(step["jitter_ms"]["p99"], base["jitter_ms"]["p99"]),
+        "added_latency_p99_ms": minus(bridge_latency, base["round_trip_ms"]["p99"]),
+        "rss_per_call_mb": step["rss_per_call_mb"],
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -906,12 +980,18 @@ def _row(s: dict[str, Any]) -> str:
             f"bridge tick late p99 {f(s['bridge_tick']['lateness_p99_ms'], '.1f')} cost p99 "
             f"{f(s['bridge_tick']['cost_p99_ms'], '.1f')} skipped {s['bridge_tick']['skipped_ticks']}  "
             f"machine {f(s['machine_busy_pct'], '.0f')}%"
-            f"  {'HELD' if s['held'] else 'BROKE: ' + ','.join(s['broken'])}")
+            f"  absolute {'HELD' if s['held'] else 'BROKE: ' + ','.join(s['broken'])}"
+            + (f"\n       vs relay (jit p99 {f(b['jitter_ms']['p99'])}, rtt p99 {f(b['round_trip_ms']['p99'])}, "
+               f"late {b['late_frames']}): added jit p99 {f(r['levels']['added_jitter_p99_ms'])} "
+               f"latency p99 {f(r['levels']['added_latency_p99_ms'])} "
+               f"late/1000 {f(r['levels']['added_late_per_1000'], '.3f')}  "
+               f"relative {'HELD' if r['held'] else 'BROKE: ' + ','.join(r['broken'])}"
+               if (r := s.get("relative")) else ""))
 
 
 async def run_bench(args: argparse.Namespace) -> int:
     """``voxbridge bench``: ramp N, measure, write ``bench.json`` (+ ``bench.png``). Exit 0 if the
-    first step held."""
+    first step held (relative to the bare relay when it ran, else absolutely)."""
     steps_n = [int(x) for x in str(args.calls).split(",") if x.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything is measured
@@ -929,7 +1009,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                    "caller_procs": args.caller_procs or "auto (1 per 500 calls)", "barge_every_s": args.barge_every,
                    "tool_every_s": args.tool_every, "codec": f"slin {RATE} Hz both sides (no resampling)",
                    "event_loop": "asyncio" if args.asyncio else result_loop()},
-        "service_levels": SERVICE_LEVELS, "cpu_ratio_aim": CPU_RATIO_AIM,
+        "service_levels": SERVICE_LEVELS, "relative_levels": RELATIVE_LEVELS, "cpu_ratio_aim": CPU_RATIO_AIM,
         "steps": [],
     }
     started = time.monotonic()
@@ -944,16 +1024,23 @@ async def run_bench(args: argparse.Namespace) -> int:
             _judge(step)
             result["steps"].append(step)
             print(_row(step), flush=True)
-            if not step["held"] and not args.keep_going:
+            if not _held(step) and not args.keep_going:
                 break
-        held = [s["calls"] for s in result["steps"] if s["held"]]
-        first_break = next((s for s in result["steps"] if not s["held"]), None)
+        steps = result["steps"]
+        held = [s["calls"] for s in steps if s["held"]]
+        first_break = next((s for s in steps if not s["held"]), None)
         result["largest_n_held"] = max(held) if held else None
         result["first_break"] = None if first_break is None else {
             "calls": first_break["calls"], "broken": first_break["broken"],
             "load_generator_late": first_break["load_generator_late"]}
+        if not args.no_baseline:
+            held_rel = [s["calls"] for s in steps if s["relative"]["held"]]
+            rel_break = next((s for s in steps if not s["relative"]["held"]), None)
+            result["largest_n_held_relative"] = max(held_rel) if held_rel else None
+            result["first_break_relative"] = None if rel_break is None else {
+                "calls": rel_break["calls"], "broken": rel_break["relative"]["broken"]}
         result["elapsed_s"] = round(time.monotonic() - started, 1)
-        rc = 0 if result["steps"] and result["steps"][0]["held"] else 1
+        rc = 0 if steps and _held(steps[0]) else 1
     finally:
         await procs.stop_all()
         (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
@@ -962,11 +1049,21 @@ async def run_bench(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     drew = plot(result, out / "bench.png") if result["steps"] else False
-    print(f"largest N that held: {result.get('largest_n_held')}"
+    print(f"largest N that held (absolute): {result.get('largest_n_held')}"
           + (f"; first break at N={result['first_break']['calls']}: {', '.join(result['first_break']['broken'])}"
              if result.get("first_break") else ""))
+    if "largest_n_held_relative" in result:
+        rb = result.get("first_break_relative")
+        print(f"largest N that held (relative to the bare relay): {result['largest_n_held_relative']}"
+              + (f"; first break at N={rb['calls']}: {', '.join(rb['broken'])}" if rb else ""))
     print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drew else " (no plot: matplotlib missing)"))
     return rc
+
+
+def _held(step: dict[str, Any]) -> bool:
+    """The verdict the ramp follows: relative to the bare relay when it ran, else absolute."""
+    rel = step.get("relative")
+    return bool(rel["held"]) if rel is not None else bool(step["held"])
 
 
 def result_loop() -> str:
@@ -1004,6 +1101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"concurrent calls per step, ramped in order (default {DEFAULT_STEPS})")
     for flag, kind, default, metavar, help_ in _NUMERIC_OPTIONS:
         parser.add_argument(flag, type=kind, default=kind(default), metavar=metavar, help=help_)
+    parser.add_argument("--stalls", type=float, nargs="?", const=2.0, default=0.0, metavar="MS",
+                        help="sample what holds the bridge's event loop when it is more than MS late "
+                             "(default 2; bridge/devtools/stalls.py) and report it per step")
     parser.add_argument("--out", default="bench-results", metavar="DIR",
                         help="where bench.json and bench.png go (default ./bench-results)")
     for flag, help_ in _SWITCHES:
@@ -1020,6 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("_bridge")
     b.add_argument("--config", required=True)
     b.add_argument("--stats", required=True)
+    b.add_argument("--stalls", type=float, default=0.0)
     c = sub.add_parser("_callers")
     c.add_argument("--host", default="127.0.0.1")
     for name in ("--port", "--first-id", "--count", "--groups"):

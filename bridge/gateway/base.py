@@ -11,7 +11,8 @@ to the session's router, and its answer comes back through :meth:`Gateway.send_t
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,16 @@ class Closed:
 
 GatewayEvent = (AudioOut | Transcript | ToolCall | ClearPlayback | ResponseDone | RemoteHangup | RemoteError
                 | Closed)
+
+
+#: What :meth:`Gateway.deliver` hands each event to: it handles the event at once and returns
+#: ``None``, or returns an awaitable that must finish before the next event is handed over
+#: (e.g. a fallback after an error).
+EventHandler = Callable[[GatewayEvent], Awaitable[None] | None]
+
+#: Longest the downlink hands one gateway's events over without giving the event loop a turn: a
+#: gateway that floods (1500 tool calls in one burst) must not hold every call's playout meanwhile.
+DOWNLINK_SLICE_S = 0.004
 
 
 class GatewayError(Exception):
@@ -186,6 +197,14 @@ class Gateway(abc.ABC):
     def send_audio(self, pcm: bytes) -> None:
         """Queue caller audio (s16le at ``sample_rate``). Non-blocking, bounded."""
 
+    def send_held_audio(self, frames: list[bytes]) -> None:
+        """Caller audio the session held while the call was being set up (settings, correlation,
+        connect: up to ``bridge.session.PRECONNECT_HOLD_S`` of it), in order, right after
+        :meth:`connect`. Unlike :meth:`send_audio`'s, this backlog is the caller's first words
+        and is not trimmed to the adapter's usual bounds. Default: :meth:`send_audio` each frame."""
+        for pcm in frames:
+            self.send_audio(pcm)
+
     @abc.abstractmethod
     async def send_tool_result(self, call_id: str, result: str) -> None: ...
 
@@ -196,6 +215,26 @@ class Gateway(abc.ABC):
     @abc.abstractmethod
     def events(self) -> AsyncIterator[GatewayEvent]:
         """Events in arrival order; ends after yielding :class:`Closed`."""
+
+    async def deliver(self, handle: EventHandler) -> None:
+        """Hand every event to ``handle``, in arrival order, until :class:`Closed` (the last one);
+        return then. What the session runs for the life of the gateway.
+
+        This default drives :meth:`events`; an adapter whose wire can call ``handle`` straight
+        from its connection's callbacks (bridge/gateway/ws.py) overrides it and saves a task
+        switch per message.
+        """
+        loop = asyncio.get_running_loop()
+        slice_end = loop.time() + DOWNLINK_SLICE_S
+        async for event in self.events():
+            if loop.time() >= slice_end:
+                await asyncio.sleep(0)
+                slice_end = loop.time() + DOWNLINK_SLICE_S
+            pending = handle(event)
+            if pending is not None:
+                await pending
+            if isinstance(event, Closed):
+                return
 
     @abc.abstractmethod
     async def close(self) -> None:

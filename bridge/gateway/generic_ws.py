@@ -70,7 +70,7 @@ import base64
 import binascii
 import collections
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -388,12 +388,11 @@ class GenericWsGateway(WebSocketGateway):
             self._count_down(len(item.pcm))
         return (item,)
 
-    async def events(self) -> AsyncIterator[GatewayEvent]:
-        async for event in super().events():
-            if isinstance(event, Closed) and event.code == 1000 and not self._closing_ourselves:
-                # The seed has no hang-up message: a normal close from the server ends the call.
-                yield RemoteHangup()
-            yield event
+    def _final_events(self, closed: Closed) -> tuple[GatewayEvent, ...]:
+        if closed.code == 1000 and not self._closing_ourselves:
+            # The seed has no hang-up message: a normal close from the server ends the call.
+            return (RemoteHangup(), closed)
+        return (closed,)
 
     async def send_tool_result(self, call_id: str, result: str) -> None:
         await self.send_json(build_tool_result(call_id, result))

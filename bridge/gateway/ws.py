@@ -24,6 +24,18 @@ drain, and past ``uplink_buffer_ms`` the oldest audio is dropped (counted in ``d
 the caller never falls ever further behind. Control messages (:meth:`send_soon`, tool results)
 are never dropped, and always go out before queued audio, in the order they were queued.
 
+The downlink
+------------
+Received messages are not assembled into an asyncio queue and awaited one by one (websockets'
+``recv()``: a future, a task switch and an async-generator step per 20 ms of AI audio). The
+connection is websockets' asyncio protocol, which feeds the Sans-I/O ``ClientProtocol``; its
+data frames are handed straight from ``data_received`` to :meth:`WebSocketGateway._on_message`
+and the session's handler (:meth:`WebSocketGateway.deliver`), in arrival order. Handshake,
+pings, pongs and the closing handshake stay websockets' own. The loop is never held for long:
+when one read carries more than ``DOWNLINK_SLICE_S`` of work, or the handler must await
+something (a fallback), the rest waits in a backlog, reading from the socket pauses, and the
+delivery task goes on after giving the loop a turn.
+
 Liveness
 --------
 A gateway that stops answering without closing (a half-open TCP connection: a crashed host, a
@@ -39,17 +51,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, cast
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
-from .base import Closed, Gateway, GatewayError, GatewayEvent, SessionSetup
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
+from .base import DOWNLINK_SLICE_S, Closed, EventHandler, Gateway, GatewayError, GatewayEvent, SessionSetup
 
 log = logging.getLogger("voxbridge.gateway")
 
@@ -62,6 +83,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DIRECT_WRITE_LIMIT = 64 * 1024
 #: How long a close waits for the gateway's half of the closing handshake before dropping TCP.
 CLOSE_TIMEOUT_S = 2.0
+#: Masking keys are drawn from the OS CSPRNG this many bytes (keys × 4) at a time.
+MASK_POOL_BYTES = 1024
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
 
 
 class UplinkConnection(ClientConnection):
@@ -78,16 +103,31 @@ class UplinkConnection(ClientConnection):
       other keyword arguments go there), so asyncio hands it its transport in
       ``connection_made()``.
 
-    :meth:`write_message` frames with the former and writes with the latter, exactly as websockets'
-    own ``send()`` does before it awaits draining. It is safe to interleave with ``send()``: every
-    message an adapter sends is a single frame, framed and written synchronously, so no
-    fragmented message is ever in progress.
+    :meth:`write_message` checks the former's state and writes with the latter what websockets' own
+    ``send()`` writes before it awaits draining: one masked, unfragmented frame (framed here, RFC
+    6455 §5.2, since the protocol's framing costs a Frame object and a getrandom() call a frame).
+    It is safe to interleave with ``send()``: every message an adapter sends is a single frame,
+    framed and written synchronously, so no fragmented message is ever in progress.
     """
 
-    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+    def __init__(self, protocol: ClientProtocol, *, on_message: Callable[[str | bytes], None] | None = None,
+                 on_lost: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(protocol, **kwargs)
         self.uplink_protocol = protocol
         self.uplink_transport: asyncio.Transport | None = None
+        self._mask_pool = b""
+        self._mask_at = 0
+        #: With a sink, every data message goes to it from ``data_received`` (text as str,
+        #: binary as bytes) instead of websockets' assembler and ``recv()``; ``on_lost`` is
+        #: called once the connection is closed (``protocol.close_rcvd``/``close_sent`` then
+        #: say how).
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self._fragments: list[bytes] = []
+        self._fragment_opcode: Opcode | None = None
+        #: loop.time() of the first message handed over in the current read (0.0: none yet):
+        #: the sink's time slice (see :meth:`WebSocketGateway._emit`).
+        self.read_started = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -104,15 +144,96 @@ class UplinkConnection(ClientConnection):
                 or transport.get_write_buffer_size() >= write_limit):
             return False
         if isinstance(data, str):
-            protocol.send_text(data.encode())
+            payload, first = data.encode(), 0x81  # FIN + text
         else:
-            protocol.send_binary(data)
-        for chunk in protocol.data_to_send():
-            if chunk:
-                transport.write(chunk)
-            # An empty chunk (end of stream) only follows a close, never a data frame sent while
-            # OPEN; the closing side is websockets' own.
+            payload, first = data, 0x82  # FIN + binary
+        if protocol.extensions or protocol.expect_continuation_frame:
+            # Not the case for our connections (no compression, no fragments): websockets frames it.
+            (protocol.send_text if first == 0x81 else protocol.send_binary)(payload)
+            for chunk in protocol.data_to_send():
+                if chunk:
+                    transport.write(chunk)
+            return True
+        # Hot path: RFC 6455 §5.2 framing of one unfragmented client frame, as Frame.serialize
+        # does it, without a Frame object, a writes list and a getrandom() system call per frame.
+        n = len(payload)
+        if n < 126:
+            header = bytes((first, 0x80 | n))
+        elif n < 65536:
+            header = _HEADER16.pack(first, 0x80 | 126, n)
+        else:
+            header = _HEADER64.pack(first, 0x80 | 127, n)
+        mask = self._mask_key()
+        transport.write(header + mask + apply_mask(payload, mask))
         return True
+
+    def _mask_key(self) -> bytes:
+        """A fresh 4-byte masking key (RFC 6455 §5.3: unpredictable; from the OS CSPRNG, 256 at a time)."""
+        pool, at = self._mask_pool, self._mask_at
+        if at >= len(pool):
+            pool, at = os.urandom(MASK_POOL_BYTES), 0
+            self._mask_pool = pool
+        self._mask_at = at + 4
+        return pool[at:at + 4]
+
+    def data_received(self, data: bytes) -> None:
+        self.read_started = 0.0
+        super().data_received(data)
+
+    def process_event(self, event: Any) -> None:
+        sink = self.on_message
+        if sink is None or self.response is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake response, or no sink: websockets' own path
+            return
+        opcode = event.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
+            if not event.fin:
+                self._fragment_opcode, self._fragments = opcode, [bytes(event.data)]
+                return
+            data = bytes(event.data)
+        elif opcode is Opcode.CONT:
+            self._fragments.append(bytes(event.data))
+            if not event.fin:
+                return
+            opcode, data = self._fragment_opcode or Opcode.BINARY, b"".join(self._fragments)
+            self._fragments, self._fragment_opcode = [], None
+        else:
+            super().process_event(event)  # pongs acknowledge pings; pings and close are the protocol's
+            return
+        if opcode is Opcode.TEXT:
+            try:
+                message: str | bytes = data.decode()
+            except UnicodeDecodeError as exc:
+                # What websockets' recv() does with invalid UTF-8: fail the connection with 1007.
+                self.set_connection_exc(exc)
+                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self.send_data()
+                return
+        else:
+            message = data
+        sink(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def pause_delivery(self) -> None:
+        """Stop reading from the socket (the sink has a backlog); the kernel buffers, then TCP pushes back."""
+        transport = self.uplink_transport
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.pause_reading()
+            except RuntimeError:  # already paused (uvloop says so with an error)
+                pass
+
+    def resume_delivery(self) -> None:
+        transport = self.uplink_transport
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.resume_reading()
+            except RuntimeError:  # not paused
+                pass
 
     # The name the AillomVox adapter's tests and subclasses know.
     def write_binary(self, data: bytes, write_limit: int) -> bool:
@@ -143,6 +264,12 @@ def load_json_object(text: str) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ParseProblem(f"message is a JSON {type(msg).__name__}, not an object: {clip(text)}")
     return msg
+
+
+async def _raise(exc: Exception) -> None:
+    """An awaitable that fails with ``exc``: a handler's error surfaces in :meth:`WebSocketGateway.deliver`
+    (the session's task), as if it had been raised there, not in the socket's read callback."""
+    raise exc
 
 
 class WebSocketGateway(Gateway):
@@ -180,12 +307,21 @@ class WebSocketGateway(Gateway):
         self._uplink_frames = 0  # audio messages queued (each one 20 ms frame, or what the leg gave)
         self._uplink_limit = 0
         self._hold_limit = 0
+        # Frames of the session's set-up backlog (send_held_audio) still queued: never trimmed.
+        self._held_allowance = 0
         self._released = False
         self._uplink_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._direct = False  # released and the queues drained: write frames from send_audio itself
         self._closed = False
         self._stats = {"frames_up": 0, "bytes_up": 0, "frames_down": 0, "bytes_down": 0, "dropped_up": 0}
+        # The downlink (see the module doc): the session's handler, events it has not had yet,
+        # what it asked to be awaited before the next one, and whether Closed was handed over.
+        self._handler: EventHandler | None = None
+        self._backlog: collections.deque[GatewayEvent] = collections.deque()
+        self._pending: Awaitable[None] | None = None
+        self._delivery_wake = asyncio.Event()
+        self._closed_emitted = False
 
     # ------------------------------------------------------------------ what a protocol says
 
@@ -209,6 +345,10 @@ class WebSocketGateway(Gateway):
         """Called once the opening messages are queued (e.g. to release the uplink at once)."""
         self.release_uplink()
 
+    def _final_events(self, closed: Closed) -> tuple[GatewayEvent, ...]:
+        """What the end of the connection means, in order (the last one is ``closed``)."""
+        return (closed,)
+
     # ------------------------------------------------------------------ Gateway
 
     @property
@@ -231,7 +371,10 @@ class WebSocketGateway(Gateway):
                 close_timeout=CLOSE_TIMEOUT_S,
                 user_agent_header="voxbridge",
                 additional_headers=self._headers or None,
-                create_connection=UplinkConnection,
+                # A factory, not the class: the sink is in place before the first frame arrives
+                # (it may come in the same read as the handshake response).
+                create_connection=cast(Any, functools.partial(UplinkConnection, on_message=self._on_ws_message,
+                                                              on_lost=self._on_ws_lost)),
             )
             assert isinstance(ws, UplinkConnection)  # what create_connection makes
             self._ws = ws
@@ -293,12 +436,27 @@ class WebSocketGateway(Gateway):
                 return
             # Back-pressure (or closing): queue, and let the sender wait for the socket to drain.
         self._uplink.append(message)
-        limit = self._uplink_limit if self._released else self._hold_limit
+        # The session's held backlog (send_held_audio) does not count against the bound: new audio
+        # arriving while it is still queued (an AillomVox settle) must not push the first words out.
+        limit = (self._uplink_limit if self._released else self._hold_limit) + self._held_allowance
         while len(self._uplink) > limit:
             # Oldest first: while held we keep the most recent speech; later, a gateway that
             # cannot keep up loses stale audio rather than falling ever further behind.
             self._uplink.popleft()
             self._stats["dropped_up"] += 1
+        if self._released:
+            self._uplink_ready.set()
+
+    def send_held_audio(self, frames: list[bytes]) -> None:
+        """The caller's first words, held by the session during set-up: queued whole, in order
+        (behind the opening messages), and sent as soon as the uplink is released. Until the
+        sender has caught up with them, the queue's bound grows to hold them."""
+        if self._closed or not frames:
+            return
+        encode = self._encode_audio
+        self._uplink.extend(encode(pcm) for pcm in frames if pcm)
+        self._direct = False
+        self._held_allowance = len(self._uplink)
         if self._released:
             self._uplink_ready.set()
 
@@ -315,6 +473,8 @@ class WebSocketGateway(Gateway):
                         await ws.send(control.popleft())
                         continue
                     message = uplink.popleft()
+                    if self._held_allowance:
+                        self._held_allowance -= 1
                     await ws.send(message)  # one message per frame: 20 ms granularity, never batched
                     stats["frames_up"] += 1
                     stats["bytes_up"] += self._pcm_len(message)
@@ -343,24 +503,24 @@ class WebSocketGateway(Gateway):
                               msg.get("type", "a message"))
             return False
 
-    async def events(self) -> AsyncIterator[GatewayEvent]:
-        ws = self._ws
-        if ws is None:
-            yield Closed(None, "never connected", clean=False)
-            return
-        # recv() rather than ``async for``: iteration swallows the ConnectionClosed whose public
-        # ``rcvd``/``sent`` close frames say how the connection ended (the asyncio connection
-        # itself has no such attributes).
+    # ------------------------------------------------------------------ the downlink
+
+    def _on_ws_message(self, message: str | bytes) -> None:
+        """A data message, from the connection's ``data_received``."""
         try:
-            while True:
-                message = await ws.recv()
-                try:
-                    for event in self._on_message(message):
-                        yield event
-                except ParseProblem as exc:
-                    self._log.warning("ignored %s gateway message: %s", self.protocol_name, exc)
-        except websockets.exceptions.ConnectionClosed as exc:
-            rcvd, sent = exc.rcvd, exc.sent
+            for event in self._on_message(message):  # may be a generator: it raises as it goes
+                self._emit(event)
+        except ParseProblem as exc:
+            self._log.warning("ignored %s gateway message: %s", self.protocol_name, exc)
+
+    def _on_ws_lost(self) -> None:
+        """The connection is closed: say how, once (websockets' protocol kept both close frames)."""
+        if self._closed_emitted:
+            return
+        ws = self._ws
+        protocol = ws.uplink_protocol if ws is not None else None
+        rcvd = protocol.close_rcvd if protocol is not None else None
+        sent = protocol.close_sent if protocol is not None else None
         code = rcvd.code if rcvd is not None else None
         if rcvd is not None:
             reason = rcvd.reason
@@ -368,7 +528,107 @@ class WebSocketGateway(Gateway):
             # Nothing came from the gateway: say what our side saw (e.g. "keepalive ping timeout"
             # when it stopped answering pings), for the operator reading the log.
             reason = f"connection lost ({sent.reason})" if sent is not None and sent.reason else "connection lost"
-        yield Closed(code, reason, clean=code in (1000, 1001))
+        for event in self._final_events(Closed(code, reason, clean=code in (1000, 1001))):
+            self._emit(event)
+
+    def _emit(self, event: GatewayEvent) -> None:
+        """Hand ``event`` to the session now if nothing is waiting before it; else keep it, in order."""
+        if type(event) is Closed:
+            self._closed_emitted = True
+        handler = self._handler
+        if handler is None or self._backlog or self._pending is not None:
+            self._hold(event)
+            return
+        ws = self._ws
+        if ws is not None:
+            # Many messages in one read (a flood): after DOWNLINK_SLICE_S the rest waits for the
+            # delivery task, so every other call gets the loop (and its playout tick) meanwhile.
+            now = asyncio.get_running_loop().time()
+            if not ws.read_started:
+                ws.read_started = now
+            elif now - ws.read_started >= DOWNLINK_SLICE_S:
+                self._hold(event)
+                return
+        try:
+            pending = handler(event)
+        except Exception as exc:  # noqa: BLE001 - a bug in the handler: it fails deliver(), not the socket
+            pending = _raise(exc)
+        if pending is not None:
+            self._pending = pending
+            self._hold(None)
+        elif self._closed_emitted:
+            self._delivery_wake.set()
+
+    def _hold(self, event: GatewayEvent | None) -> None:
+        if event is not None:
+            self._backlog.append(event)
+        if self._ws is not None:
+            self._ws.pause_delivery()
+        self._delivery_wake.set()
+
+    async def deliver(self, handle: EventHandler) -> None:
+        """Hand every event to ``handle`` in arrival order, from the connection's callbacks, until
+        :class:`Closed` (see :meth:`Gateway.deliver`)."""
+        if self._ws is None:
+            pending = handle(Closed(None, "never connected", clean=False))
+            if pending is not None:
+                await pending
+            return
+        loop = asyncio.get_running_loop()
+        self._handler = handle
+        backlog, wake = self._backlog, self._delivery_wake
+        wake.set()  # what arrived before the handler was set
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                slice_end = loop.time() + DOWNLINK_SLICE_S
+                while True:
+                    if self._pending is not None:
+                        pending, self._pending = self._pending, None
+                        await pending
+                        slice_end = loop.time() + DOWNLINK_SLICE_S
+                        continue
+                    if not backlog:
+                        break
+                    if loop.time() >= slice_end:
+                        await asyncio.sleep(0)
+                        slice_end = loop.time() + DOWNLINK_SLICE_S
+                    self._pending = handle(backlog.popleft())
+                if self._closed_emitted:
+                    return
+                self._ws.resume_delivery()
+        finally:
+            self._handler = None
+            if self._pending is not None:  # cancelled before awaiting it: no "never awaited" warning
+                close = getattr(self._pending, "close", None)
+                self._pending = None
+                if close is not None:
+                    close()
+
+    async def events(self) -> AsyncIterator[GatewayEvent]:
+        """The events as an async iterator (tests, tools): :meth:`deliver` into a bounded queue."""
+        queue: asyncio.Queue[GatewayEvent] = asyncio.Queue(maxsize=256)
+
+        def handle(event: GatewayEvent) -> Awaitable[None] | None:
+            if queue.full():
+                return queue.put(event)
+            queue.put_nowait(event)
+            return None
+
+        pump = asyncio.get_running_loop().create_task(self.deliver(handle), name=f"gateway-events-{self._call}")
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, Closed):
+                    return
+        finally:
+            pump.cancel()
+            try:
+                await pump
+            except asyncio.CancelledError:
+                pass
 
     def _count_down(self, nbytes: int) -> None:
         self._stats["frames_down"] += 1

@@ -44,3 +44,50 @@ async def test_bench_smoke_writes_json_with_sane_numbers(tmp_path):
     assert step["cpu_ratio_to_baseline"] > 0
     assert isinstance(step["held"], bool) and isinstance(step["broken"], list)
     assert "largest_n_held" in result
+    # Relative verdict: the bridge judged against the bare relay's own figures from the same run.
+    assert base["jitter_ms"]["p99"] is not None and base["frames_received"] > 4 * 50
+    assert base["late_frames"] >= 0
+    rel = step["relative"]
+    assert set(rel["levels"]) == set(bench.RELATIVE_LEVELS) and isinstance(rel["held"], bool)
+    assert rel["levels"]["added_jitter_p99_ms"] == pytest.approx(
+        step["jitter_ms"]["p99"] - base["jitter_ms"]["p99"], abs=1e-3)
+    assert rel["levels"]["added_latency_p99_ms"] == pytest.approx(
+        step["uplink_ms"]["p99"] + step["downlink_added_ms"]["p99"] - base["round_trip_ms"]["p99"], abs=1e-3)
+    assert rel["held"] == (rel["broken"] == [])
+    assert "largest_n_held_relative" in result and result["relative_levels"] == bench.RELATIVE_LEVELS
+
+
+def test_relative_verdict_subtracts_what_the_relay_suffered_too():
+    """Noise the relay saw as well (late frames, jitter) is not blamed on the bridge; what only
+    the bridge adds is."""
+    def step(late: int, jit: float, up: float) -> dict:
+        return {"calls": 10, "lost_frames": 0, "late_frames": late, "frames_received": 10_000,
+                "jitter_ms": {"p99": jit}, "uplink_ms": {"p99": up}, "downlink_added_ms": {"p99": 1.0},
+                "rss_per_call_mb": 0.05, "callers": {"connect_failed": 0, "ended_early": 0,
+                                                     "timer_late_ms": {"p99": 1.0}}}
+
+    base = {"late_frames": 8, "frames_received": 5_000, "jitter_ms": {"p99": 3.0}, "round_trip_ms": {"p99": 2.0}}
+    noisy = step(late=16, jit=4.0, up=1.5)  # same late rate and +1 ms jitter: absolute breaks, relative holds
+    noisy["baseline"] = base
+    bench._judge(noisy)
+    assert not noisy["held"] and {"late_frames", "jitter_p99_ms"} <= set(noisy["broken"])
+    assert noisy["relative"]["held"], noisy["relative"]
+    assert noisy["relative"]["levels"]["added_late_per_1000"] == 0
+    worse = step(late=40, jit=6.0, up=9.0)  # the bridge's own: late frames, jitter and latency beyond the relay's
+    worse["baseline"] = base
+    bench._judge(worse)
+    assert set(worse["relative"]["broken"]) == {"added_late_per_1000", "added_jitter_p99_ms",
+                                                "added_latency_p99_ms"}
+
+
+def test_the_bench_processes_run_this_checkout_not_an_installed_copy():
+    """The bridge, callers and relay start with ``python -m bridge…`` from the directory holding
+    this very package: a bench run from a worktree measures that worktree's code, even when the
+    venv has another checkout installed in editable mode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", "import bridge; print(bridge.__file__)"], cwd=bench._SOURCE_ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve() == Path(bench.__file__).resolve().parents[1] / "__init__.py"

@@ -460,3 +460,35 @@ async def test_a_failed_start_leaves_nothing_running(sim, no_leaked_tasks):
     assert bridge.store is None and bridge.ami._runner is None
     await no_leaked_tasks()
     await bridge.stop()  # and stopping again is harmless
+
+
+async def test_a_slow_set_up_keeps_the_callers_first_words_whole_and_in_order(make_bridge, sim, dial):
+    """Under load a call can wait seconds for its settings (AMI correlation waits for the channel):
+    every frame the caller spoke meanwhile reaches the gateway, in order, once it is connected.
+    (The hold was 100 frames, 2 s: here the caller speaks for 4 s before the gateway is even
+    dialled, and a broken hold loses the first half.)"""
+    bridge = await make_bridge(profile={"first_message": None})
+    resolve = bridge.asterisk.resolve_settings
+    resolving = asyncio.Event()
+
+    async def slow_resolve(call):
+        resolving.set()
+        await asyncio.sleep(4.5)
+        return await resolve(call)
+
+    bridge.asterisk.resolve_settings = slow_resolve
+    caller = await dial(bridge)
+    rng = np.random.default_rng(11)
+    speech = (rng.standard_normal(8000 * 4) * 3000).astype("<i2").tobytes()  # 4 s, every frame distinct
+    caller.say(speech)
+    await asyncio.wait_for(resolving.wait(), 5)
+    assert not sim.sessions, "the gateway was dialled before the settings were resolved"
+    assert await caller.wait_spoken(8)  # all spoken while the call is still being set up
+    session = await accepted(sim)
+    await session.wait_audio(len(speech), timeout=10)
+    heard = bytes(session.audio)
+    assert speech in heard, "caller audio lost or reordered while the call was being set up"
+    call = await call_of(bridge, caller)
+    assert call.stats["preconnect_dropped"] == 0
+    assert call.stats["preconnect_frames"] >= len(speech) // 320
+    await caller.aclose()
