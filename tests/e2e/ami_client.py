@@ -263,8 +263,9 @@ class AmiClient:
         context: str = "voxbridge-ai",
         timeout_ms: int = 10000,
         caller_id: str = '"Test Caller" <5551234>',
+        caller_context: str = "voxbridge-test",
     ) -> Message:
-        """Originate ``Local/caller@voxbridge-test`` into ``<context>,<exten>,1`` (Async).
+        """Originate ``Local/caller@<caller_context>`` into ``<context>,<exten>,1`` (Async).
 
         The ``;2`` half plays ``play_file`` (chroot path without extension) and records what it
         hears into ``rec_file`` (chroot path, ``.wav``), then waits ``wait_after`` seconds.
@@ -280,7 +281,7 @@ class AmiClient:
                 raise ValueError(f"Originate variable {k}={v!r} cannot contain ',' (or '=' in the name)")
         return await self.action(
             "Originate",
-            Channel="Local/caller@voxbridge-test",
+            Channel=f"Local/caller@{caller_context}",
             Context=context,
             Exten=exten,
             Priority="1",

@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import numpy as np
+import pytest
+
+from bridge.devtools.dial import analyse
 
 from .ami_client import AmiClient
+
+
+async def place_call(ami: AmiClient, asterisk: Any, play_pcm: bytes, wait_after: float = 6,
+                     variables: dict[str, str] | None = None, *, context: str = "voxbridge-ai", exten: str = "ai",
+                     caller_context: str = "voxbridge-test") -> tuple[str, str]:
+    """A call from ``Local/caller@<caller_context>`` (plays ``play_pcm``, records what it hears) into
+    ``<context>,<exten>``, named by a fresh AS_UUID; returns (that UUID, the recording's chroot path)."""
+    as_uuid = str(uuid.uuid4())
+    play = asterisk.write_wav(f"play-{as_uuid[:8]}", play_pcm)
+    rec = asterisk.recording_path(f"rec-{as_uuid[:8]}.wav")
+    resp = await ami.originate_caller(play, rec, wait_after, {"AS_UUID": as_uuid, **(variables or {})},
+                                      context=context, exten=exten, caller_context=caller_context)
+    assert resp["Response"] == "Success", resp
+    return as_uuid, rec
+
+
+async def gateway_heard_the_caller(session: Any, hz: int = 1000, played_s: float = 1.5) -> None:
+    """Once the caller hung up after its Wait() (the gateway is told), the gateway had heard the
+    caller's tone, about as long as it was played (Asterisk sends nothing during Wait())."""
+    async with asyncio.timeout(15):
+        await session.closed.wait()
+    stats = analyse(bytes(session.audio), 8000)
+    assert stats["dominant_hz"] == pytest.approx(hz, abs=15)
+    assert played_s - 0.4 < stats["non_silent_s"] < played_s + 0.4
+    assert any(m.get("type") == "hangup" for m in session.messages)
 
 
 async def session_for(bridge: Any, call_id: str, timeout: float = 10) -> Any:

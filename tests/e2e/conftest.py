@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,12 +114,14 @@ def make_asterisk(asterisk_root: Path, tmp_path: Path):
     """``make_asterisk(extra)`` → a started AsteriskSandbox with dialplan appended; stopped after.
 
     ``extra`` is dialplan text, or a function of the (not yet started) sandbox returning it —
-    for dialplan that must name the sandbox's ports.
+    for dialplan that must name the sandbox's ports; ``options`` go to AsteriskSandbox
+    (``http_port`` for ARI, ``rtp_ports``).
     """
     started: list[AsteriskSandbox] = []
 
-    def factory(extra: str | Callable[[AsteriskSandbox], str] = "") -> AsteriskSandbox:
-        sandbox = AsteriskSandbox(asterisk_root, tmp_path / f"asterisk-{len(started)}", free_port(), free_port())
+    def factory(extra: str | Callable[[AsteriskSandbox], str] = "", **options: Any) -> AsteriskSandbox:
+        sandbox = AsteriskSandbox(asterisk_root, tmp_path / f"asterisk-{len(started)}", free_port(), free_port(),
+                                  **options)
         sandbox.extra_dialplan = extra(sandbox) if callable(extra) else extra
         try:
             sandbox.start()

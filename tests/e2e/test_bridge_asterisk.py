@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -27,8 +26,10 @@ from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox
 from .checks import (
     dtmf_reaches_the_caller,
+    gateway_heard_the_caller,
     hangup_ends_the_channel,
     heard_tone,
+    place_call,
     session_for,
     transfer_is_refused_then_done,
 )
@@ -71,18 +72,6 @@ async def bridge(asterisk: AsteriskSandbox, sim: GatewaySim):
     assert b.sessions == {}
 
 
-async def place_call(ami: AmiClient, asterisk: AsteriskSandbox, play_pcm: bytes, wait_after: float = 6,
-                     variables: dict[str, str] | None = None, exten: str = "ai") -> tuple[str, str]:
-    as_uuid = str(uuid.uuid4())
-    play = asterisk.write_wav(f"play-{as_uuid[:8]}", play_pcm)
-    rec = asterisk.recording_path(f"rec-{as_uuid[:8]}.wav")
-    resp = await ami.originate_caller(play, rec, wait_after, {"AS_UUID": as_uuid, **(variables or {})}, exten=exten)
-    assert resp["Response"] == "Success", resp
-    return as_uuid, rec
-
-
-
-
 async def test_caller_audio_reaches_the_gateway_through_asterisk(bridge, sim, asterisk, ami):
     as_uuid, _rec = await place_call(ami, asterisk, tone(1000, 1500, 8000), wait_after=2)
     session = await sim.next_session(10)
@@ -90,13 +79,7 @@ async def test_caller_audio_reaches_the_gateway_through_asterisk(bridge, sim, as
     # The channel was found from AMI events: the ;1 half, the one running AudioSocket().
     assert call.channel is not None and call.channel.name.startswith("Local/caller@voxbridge-test-")
     assert call.channel.name.endswith(";1")
-    # (Asterisk sends frames only while the caller's side produces audio: not during Wait().)
-    async with asyncio.timeout(15):
-        await session.closed.wait()  # the caller hangs up after its Wait(); the gateway is told
-    stats = analyse(bytes(session.audio), 8000)
-    assert stats["dominant_hz"] == pytest.approx(1000, abs=15)
-    assert 1.1 < stats["non_silent_s"] < 1.9  # about the 1.5 s that was played
-    assert any(m.get("type") == "hangup" for m in session.messages)
+    await gateway_heard_the_caller(session)
 
 
 async def test_gateway_audio_is_heard_by_the_caller_in_real_time(bridge, sim, asterisk, ami):

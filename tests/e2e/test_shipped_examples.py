@@ -70,6 +70,15 @@ async def start_bridge(asterisk: AsteriskSandbox, sim: GatewaySim, *, api_key: s
     return bridge
 
 
+async def transfer_reaches_the_operators(session, ami) -> None:
+    """The AI's transfer to 100 lands the caller in the shipped dialplan's voxbridge-operators,100."""
+    mark = ami.mark()
+    result = await session.call_tool("transfer", {"extension": "100", "after_speech": False})
+    assert '"status": "transferred"' in result
+    await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators"
+                         and e.get("Exten") == "100", since=mark, timeout=5)
+
+
 async def call_example(ami, asterisk: AsteriskSandbox, exten: str = "s") -> str:
     as_uuid = str(uuid.uuid4())
     play = asterisk.write_wav(f"play-{as_uuid[:8]}", tone(500, 500, 8000))
@@ -89,11 +98,7 @@ async def test_shipped_dialplan_reaches_the_ai_with_caller_id_and_transfer_works
             cfg = await session.wait_accepted()
             assert "The caller's number is 5551234." in cfg["system_prompt"]  # AS_VARS from the dialplan
             assert {t["name"] for t in cfg["tools"]} >= {"transfer", "end_call"}
-            mark = ami.mark()
-            result = await session.call_tool("transfer", {"extension": "100", "after_speech": False})
-            assert '"status": "transferred"' in result
-            await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators"
-                                 and e.get("Exten") == "100", since=mark, timeout=5)
+            await transfer_reaches_the_operators(session, ami)
         finally:
             await bridge.stop()
 
@@ -192,11 +197,7 @@ async def test_shipped_ari_set_up_reaches_the_ai_and_transfers_without_ami(aster
             assert "The caller's number is 5551234." in cfg["system_prompt"]  # the Stasis arguments
             assert cfg["sample_rate"] == 16000  # format: slin16, the receptionist's 16 kHz
             await session.wait_audio(4000, timeout=10)  # the caller's 500 ms tone, over RTP
-            mark = ami.mark()
-            result = await session.call_tool("transfer", {"extension": "100", "after_speech": False})
-            assert '"status": "transferred"' in result
-            await ami.wait_event(lambda e: e.get("Event") == "Newexten" and e.get("Context") == "voxbridge-operators"
-                                 and e.get("Exten") == "100", since=mark, timeout=5)
+            await transfer_reaches_the_operators(session, ami)
         finally:
             await bridge.stop()
             await ami.close()
