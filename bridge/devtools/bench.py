@@ -43,13 +43,25 @@ Output: ``bench.json`` and ``bench.png`` (needs matplotlib) in ``--out``.
 Processes (all started here, stopped by PID): ``python -m bridge.devtools.gateway_sim --bench-echo``,
 ``python -m bridge.devtools.bench _bridge`` × ``--workers`` (a ``Bridge`` with the no-op bench tool,
 sharing the AudioSocket port with SO_REUSEPORT when > 1), ``python -m bridge.devtools.bench _callers``
-× ``--caller-procs``, and for the baseline ``_echo`` and ``_relay``.
+× ``--caller-procs``, and for the baseline ``_echo`` and ``_relay``. With ``--cluster``, also one
+``redis-server`` per step (loopback, a free port, nothing persisted), and every worker is a node
+(``w0``, ``w1``, …) of one cluster on it (bridge/cluster.py), as production runs several bridges.
+
+**Several workers** (``--workers`` > 1, or ``--cluster``): the step's bridge figures are the
+workers' together (CPU and RSS summed, the worst worker's clock), and ``workers`` has each one on
+its own: its calls (its sessions at the end of the window — the kernel's SO_REUSEPORT hash
+decides the spread, ``calls_per_worker``), its CPU and CPU per call over the window, RSS, playout
+clock and dropped frames, and with ``--cluster`` its node id and the calls it sees in the
+cluster's registry (every node's). The Redis server's CPU is ``redis_cpu_pct``, outside
+``bridge_cpu_pct`` and the ratio to the relay; ``cluster_cpu_pct_per_call`` is workers + Redis
+per call (``cluster_cpu_ratio_to_baseline`` against the relay).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
@@ -100,6 +112,10 @@ CPU_RATIO_AIM = 2.0
 #: A load generator whose own 20 ms timer is later than this at p99 cannot judge the bridge.
 CALLER_LATE_P99_MS = 5.0
 DEFAULT_STEPS = "50,100,200,400,700,1000"
+#: ``--cluster``: the server the bench starts for its workers (Debian's package of the same name).
+REDIS_SERVER = "redis-server"
+_NO_REDIS_SERVER = ("--cluster starts its own Redis server, and redis-server is not on PATH: install the Debian "
+                    "package redis-server (apt-get install redis-server)")
 
 
 # =========================================================================== bridge worker
@@ -135,7 +151,7 @@ async def _bridge_main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: _dump_bridge_stats(bridge, args.stats))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _on_stats_signal(bridge, args.stats))
     await bridge.start()
     freeze_startup_heap()  # as `voxbridge serve` does
     if args.stalls:
@@ -154,11 +170,24 @@ async def _bridge_main(args: argparse.Namespace) -> int:
 _SAMPLERS: list[Any] = []
 
 
-def _dump_bridge_stats(bridge: Any, path: str) -> None:
+#: Stats dumps under way (a task must be referenced until it is done).
+_DUMPS: set[asyncio.Task[None]] = set()
+
+
+def _on_stats_signal(bridge: Any, path: str) -> None:
+    """SIGUSR1: the bridge's figures as they are at the signal (the end of the measured window),
+    written to ``path`` once the cluster's registry, if any, has been read."""
+    task = asyncio.ensure_future(_dump_bridge_stats(bridge, path, _bridge_stats(bridge)))
+    _DUMPS.add(task)
+    task.add_done_callback(_DUMPS.discard)
+
+
+def _bridge_stats(bridge: Any) -> dict[str, Any]:
     clock = bridge.clock
     dropped = sum(s.stats["frames_out_dropped"] for s in bridge.sessions.values())
     stats = {
         "pid": os.getpid(),
+        "node_id": bridge.cluster.node_id if bridge.cluster is not None else None,
         "period": clock.period,
         # Each call is served on its own phase (the clock spreads calls over phase groups):
         # loop.time() is CLOCK_MONOTONIC, the same clock the callers stamp arrivals with.
@@ -171,8 +200,32 @@ def _dump_bridge_stats(bridge: Any, path: str) -> None:
     }
     if _SAMPLERS:
         stats["stalls"] = _SAMPLERS[0].report()
+    return stats
+
+
+async def _cluster_view(node: Any) -> dict[str, Any]:
+    """What this node sees of the cluster: the registry's live calls, by owning node. A node that
+    joined the cluster sees every node's calls there, not only its own sessions."""
+    view: dict[str, Any] = {"node_id": node.node_id, "claimed": len(node.claimed),
+                            "events_dropped": node.events_dropped}
+    try:
+        live = await node.live_calls()  # bounded by the cluster's own Redis deadline
+    except Exception as exc:  # noqa: BLE001 - reported in the dump, never fatal to the bridge
+        view["registry_error"] = f"{type(exc).__name__}: {exc}"
+        return view
+    by_node: dict[str, int] = {}
+    for owner in live.values():
+        by_node[owner] = by_node.get(owner, 0) + 1
+    view.update(registry_calls=len(live), registry_by_node=by_node)
+    return view
+
+
+async def _dump_bridge_stats(bridge: Any, path: str, stats: dict[str, Any]) -> None:
+    if bridge.cluster is not None:
+        stats["cluster"] = await _cluster_view(bridge.cluster)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    # A few kB, once per step after the measured window: blocking is fine.
+    with open(tmp, "w") as f:  # noqa: ASYNC230
         json.dump(stats, f)
     os.replace(tmp, path)
 
@@ -680,7 +733,10 @@ class _Step:
         self.args, self.procs, self.tmp, self.n, self.label = args, procs, tmp, n, label
 
     async def drive(self, port: int, measured: list[int], others: list[int], duration: float,
-                    on_window_end: Any = None) -> dict[str, Any]:
+                    on_window_end: Any = None, watched: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Run the callers against ``port`` and measure the window: CPU summed over ``measured``
+        (``cpu_pct``, ``rss_mb``) and over ``others``; ``per_pid`` has each of ``measured``,
+        ``others`` and ``watched`` (processes measured on their own only) separately."""
         args, n = self.args, self.n
         nprocs = args.caller_procs or max(1, math.ceil(n / 500))
         nprocs = min(nprocs, n)
@@ -704,12 +760,14 @@ class _Step:
             first += cnt
         caller_pids = [p.pid for p in callers]
         await asyncio.sleep(max(0.0, ws - time.monotonic()))
-        c0 = {pid: _cpu_seconds(pid) for pid in measured + others + caller_pids}
+        every = [*measured, *others, *watched, *caller_pids]
+        c0 = {pid: _cpu_seconds(pid) for pid in every}
         m0, w0 = _machine_busy(), time.monotonic()
         await asyncio.sleep(max(0.0, we - time.monotonic()))
-        c1 = {pid: _cpu_seconds(pid) for pid in measured + others + caller_pids}
+        c1 = {pid: _cpu_seconds(pid) for pid in every}
         m1, w1 = _machine_busy(), time.monotonic()
-        rss = sum(_rss_mb(pid) for pid in measured)
+        rss_of = {pid: _rss_mb(pid) for pid in [*measured, *others, *watched]}
+        rss = sum(rss_of[pid] for pid in measured)
         if on_window_end is not None:
             on_window_end()
         for p in callers:
@@ -729,7 +787,84 @@ class _Step:
             "cpu_pct": cpu(measured), "rss_mb": round(rss, 1),
             "other_cpu_pct": cpu(others), "callers_cpu_pct": cpu(caller_pids),
             "machine_busy_pct": round(100 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 1),
+            "per_pid": {pid: {"cpu_pct": cpu([pid]), "rss_mb": round(mb, 1)} for pid, mb in rss_of.items()},
         }
+
+
+async def _start_redis(procs: _Procs, tmp: Path, n: int) -> tuple[asyncio.subprocess.Process, int]:
+    """``--cluster``: the Redis server the step's workers share, as production's would be, but
+    on a free loopback port, persisting nothing (``--save "" --appendonly no``) in a directory of
+    its own; stopped by PID with the step (or by :meth:`_Procs.stop_all` on a failure)."""
+    server = shutil.which(REDIS_SERVER)
+    if server is None:  # preflight() checked: PATH changed under a running bench
+        raise RuntimeError(_NO_REDIS_SERVER)
+    port = _free_port()
+    work = tmp / f"redis-{n}"
+    work.mkdir(exist_ok=True)
+    log = tmp / "redis.log"
+    proc = await procs.start(server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(work), "--logfile", str(log), log=log, ready=False)
+    deadline = time.monotonic() + 20.0
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"redis-server exited with status {proc.returncode}; see {log}:\n{_tail(log)}")
+        try:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    writer.write(b"PING\r\n")
+                    if (await reader.readline()).startswith(b"+PONG"):
+                        return proc, port
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{port} within 20 s; see {log}:\n"
+                               f"{_tail(log)}")
+        await asyncio.sleep(0.05)
+
+
+async def _read_stats(paths: list[Path], timeout: float = 10.0) -> list[dict[str, Any] | None]:
+    """Each worker's stats dump (SIGUSR1), waited for until ``timeout``: None for a worker that
+    wrote none (it died, or its dump is late)."""
+    deadline = time.monotonic() + timeout
+    # Other processes write the files: there is no event here to await, only the file to look for.
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    out: list[dict[str, Any] | None] = []
+    for path in paths:
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
+def _worker_figures(i: int, pid: int, st: dict[str, Any] | None, measured: dict[str, float],
+                    idle_rss: float) -> dict[str, Any]:
+    """One bridge worker's share of the step: its calls (its sessions at the end of the window),
+    its own CPU and RSS over the window, its playout clock, and (``--cluster``) its node's view of
+    the cluster's registry."""
+    calls = None if st is None else st["sessions"]
+    cpu = measured["cpu_pct"]
+    fig: dict[str, Any] = {
+        "worker": i, "pid": pid, "node_id": None if st is None else st.get("node_id"),
+        "calls": calls, "cpu_pct": cpu,
+        "cpu_pct_per_call": round(cpu / calls, 4) if calls else None,
+        "rss_mb": measured["rss_mb"], "rss_idle_mb": round(idle_rss, 1),
+    }
+    if st is None:
+        fig["stats"] = "missing: the worker wrote no stats dump"
+        return fig
+    c = st["clock"]
+    fig["tick"] = {"lateness_p99_ms": c["lateness_p99_ms"], "lateness_max_ms": c["max_lateness_ms"],
+                   "cost_p99_ms": c["tick_cost_p99_ms"], "late_ticks": c["late_ticks"],
+                   "skipped_ticks": c["skipped_ticks"]}
+    fig["frames_out_dropped"] = st["frames_out_dropped"]
+    if "cluster" in st:
+        fig["cluster"] = st["cluster"]
+    return fig
 
 
 async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: int) -> dict[str, Any]:
@@ -744,7 +879,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         log=tmp / "sim.log", ready=False, env=env,
     )
     await _wait_port(sim_port)
-    cfg = {
+    redis, redis_port = await _start_redis(procs, tmp, n) if args.cluster else (None, 0)
+    cfg: dict[str, Any] = {
         "log_level": "WARNING",
         "audiosocket": {"listen": f"127.0.0.1:{as_port}", "max_calls": 100_000, "reuse_port": args.workers > 1},
         "gateway": {"url": f"ws://127.0.0.1:{sim_port}/ws", "api_key": "bench", "settle_ms": 0,
@@ -754,34 +890,39 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         "profiles": {"default": {"sample_rate": RATE, "first_message": None, "farewell_message": None,
                                  "max_duration": 3600, "tools": ["bench_noop"]}},
     }
-    cfg_path = tmp / "bridge.json"  # JSON is YAML
-    cfg_path.write_text(json.dumps(cfg))
     workers = []
+    stats_paths = [tmp / f"bridge-{i}.json" for i in range(args.workers)]
     for i in range(args.workers):
+        if redis is not None:
+            # One cluster on Redis, as production runs it: each worker a node of its own name.
+            cfg["cluster"] = {"redis_url": f"redis://127.0.0.1:{redis_port}/0", "node_id": f"w{i}"}
+        cfg_path = tmp / f"bridge-config-{i}.json"  # JSON is YAML
+        cfg_path.write_text(json.dumps(cfg))
         workers.append(await procs.start(
             sys.executable, "-m", "bridge.devtools.bench", "_bridge", "--config", str(cfg_path),
-            "--stats", str(tmp / f"bridge-{i}.json"), *(("--stalls", str(args.stalls)) if args.stalls else ()),
+            "--stats", str(stats_paths[i]), *(("--stalls", str(args.stalls)) if args.stalls else ()),
             log=tmp / "bridge.log", env=env,
         ))
     await asyncio.sleep(0.5)
     wpids = [w.pid for w in workers]
-    idle_rss = sum(_rss_mb(p) for p in wpids)
+    idle = {p: _rss_mb(p) for p in wpids}
+    idle_rss = sum(idle.values())
 
     def dump() -> None:
-        for w in workers:
+        for w, path in zip(workers, stats_paths, strict=True):
+            path.unlink(missing_ok=True)  # a previous step's
             os.kill(w.pid, signal.SIGUSR1)
 
     try:
-        m = await _Step(args, procs, tmp, n, "bridge").drive(as_port, wpids, [sim.pid], args.duration, dump)
-        await asyncio.sleep(0.3)
+        m = await _Step(args, procs, tmp, n, "bridge").drive(as_port, wpids, [sim.pid], args.duration, dump,
+                                                             watched=(redis.pid,) if redis is not None else ())
+        dumps = await _read_stats(stats_paths)
         phases: dict[int, float] = {}
         clock: list[dict[str, Any]] = []
         stalls: list[dict[str, Any]] = []
         dropped = 0
-        for i in range(args.workers):
-            try:
-                st = json.loads((tmp / f"bridge-{i}.json").read_text())
-            except (OSError, ValueError):
+        for st in dumps:
+            if st is None:
                 continue
             clock.append(st["clock"])
             if "stalls" in st:
@@ -792,6 +933,8 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
     finally:
         for w in workers:
             await procs.stop(w)
+        if redis is not None:
+            await procs.stop(redis)  # after the workers: they leave the cluster cleanly
         await procs.stop(sim)
     res.update({
         "calls": n,
@@ -817,6 +960,23 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
             "cost_p99_ms": max((c["tick_cost_p99_ms"] or 0 for c in clock), default=None),
         },
     })
+    if args.workers > 1 or redis is not None:
+        # Each worker on its own: the kernel's SO_REUSEPORT hash decides how calls spread over
+        # them, and an uneven spread is a finding about the machine's load, not a failure.
+        res["workers"] = [_worker_figures(i, pid, st, m["per_pid"][pid], idle[pid])
+                          for i, (pid, st) in enumerate(zip(wpids, dumps, strict=True))]
+        res["calls_per_worker"] = [w["calls"] for w in res["workers"]]
+    if redis is not None:
+        # The cluster's Redis is part of what a cluster costs, but not bridge code: reported on its
+        # own, outside bridge_cpu_pct (and so outside the ratio to the relay), and added in
+        # cluster_cpu_pct_per_call.
+        r = m["per_pid"][redis.pid]
+        res.update({
+            "redis_pid": redis.pid,
+            "redis_cpu_pct": r["cpu_pct"],
+            "redis_rss_mb": r["rss_mb"],
+            "cluster_cpu_pct_per_call": round((m["cpu_pct"] + r["cpu_pct"]) / n, 4),
+        })
     return res
 
 
@@ -964,9 +1124,38 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _worker_rows(s: dict[str, Any]) -> str:
+    """The lines under a step's summary: the cluster's Redis (``--cluster``), the spread of calls,
+    and one line per worker (empty for one plain worker)."""
+    f = _fmt
+    lines = []
+    if "redis_cpu_pct" in s:
+        lines.append(f"       cluster: redis cpu {f(s['redis_cpu_pct'], '.1f')}% (not in the bridge cpu above), "
+                     f"bridge + redis {f(s['cluster_cpu_pct_per_call'], '.3f')}/call"
+                     f" (×{f(s.get('cluster_cpu_ratio_to_baseline'), '.2f')} relay)")
+    if "workers" in s:
+        lines.append("       calls per worker: " + " / ".join(f(c, "d") for c in s["calls_per_worker"]))
+    for w in s.get("workers", ()):
+        t = w.get("tick") or {}
+        reg = w.get("cluster") or {}
+        lines.append(
+            f"       worker {w['worker']} pid {w['pid']}" + (f" node {w['node_id']}" if w["node_id"] else "")
+            + f": {f(w['calls'], 'd')} calls  cpu {f(w['cpu_pct'], '.1f')}% ({f(w['cpu_pct_per_call'], '.3f')}/call)"
+            f"  rss {f(w['rss_mb'], '.1f')} MB  tick late p99 {f(t.get('lateness_p99_ms'), '.1f')}"
+            f" max {f(t.get('lateness_max_ms'), '.1f')} cost p99 {f(t.get('cost_p99_ms'), '.1f')}"
+            f" late {f(t.get('late_ticks'), 'd')} skipped {f(t.get('skipped_ticks'), 'd')}"
+            f"  dropped {f(w.get('frames_out_dropped'), 'd')}"
+            + (f"  registry {f(reg.get('registry_calls'), 'd')} calls" if reg else "")
+            + (f"  ({w['stats']})" if "stats" in w else ""))
+    return "".join("\n" + line for line in lines)
+
+
 def _row(s: dict[str, Any]) -> str:
-    def f(v: Any, spec: str = ".2f") -> str:
-        return "—" if v is None else format(v, spec)
+    f = _fmt
 
     up, da, j = s.get("uplink_ms", {}), s["downlink_added_ms"], s["jitter_ms"]
     b = s.get("baseline") or {}
@@ -986,12 +1175,33 @@ def _row(s: dict[str, Any]) -> str:
                f"latency p99 {f(r['levels']['added_latency_p99_ms'])} "
                f"late/1000 {f(r['levels']['added_late_per_1000'], '.3f')}  "
                f"relative {'HELD' if r['held'] else 'BROKE: ' + ','.join(r['broken'])}"
-               if (r := s.get("relative")) else ""))
+               if (r := s.get("relative")) else "")
+            + _worker_rows(s))
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why this run cannot start, checked before anything is started (the bench then exits 2), or None."""
+    if args.workers < 1:
+        return (f"--workers {args.workers}: the bench needs at least one bridge process"
+                + ("; --cluster makes the workers the nodes of one cluster on Redis, so it needs --workers 1 "
+                   "or more" if args.cluster else ""))
+    if args.cluster:
+        if shutil.which(REDIS_SERVER) is None:
+            return _NO_REDIS_SERVER
+        if importlib.util.find_spec("redis") is None:
+            return ("--cluster: the bridge workers need the Python package redis, which is not installed "
+                    "(the 'cluster' extra: pip install -e '.[cluster]')")
+    return None
 
 
 async def run_bench(args: argparse.Namespace) -> int:
     """``voxbridge bench``: ramp N, measure, write ``bench.json`` (+ ``bench.png``). Exit 0 if the
-    first step held (relative to the bare relay when it ran, else absolutely)."""
+    first step held (relative to the bare relay when it ran, else absolutely); 2 if it cannot
+    run at all (:func:`preflight`: nothing is started)."""
+    problem = preflight(args)
+    if problem is not None:
+        print(f"voxbridge bench: {problem}", file=sys.stderr)
+        return 2
     steps_n = [int(x) for x in str(args.calls).split(",") if x.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything is measured
@@ -1006,6 +1216,7 @@ async def run_bench(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "params": {"calls": steps_n, "duration_s": args.duration, "baseline_duration_s": args.baseline_duration,
                    "warmup_s": args.warmup, "ramp_rate": args.ramp_rate, "workers": args.workers,
+                   "cluster": bool(args.cluster),
                    "caller_procs": args.caller_procs or "auto (1 per 500 calls)", "barge_every_s": args.barge_every,
                    "tool_every_s": args.tool_every, "codec": f"slin {RATE} Hz both sides (no resampling)",
                    "event_loop": "asyncio" if args.asyncio else result_loop()},
@@ -1021,6 +1232,9 @@ async def run_bench(args: argparse.Namespace) -> int:
                 step["baseline"] = await _baseline_step(args, procs, tmp, n)
                 base = step["baseline"]["cpu_pct_per_call"]
                 step["cpu_ratio_to_baseline"] = round(step["cpu_pct_per_call"] / base, 2) if base > 0 else None
+                if "cluster_cpu_pct_per_call" in step:
+                    step["cluster_cpu_ratio_to_baseline"] = (
+                        round(step["cluster_cpu_pct_per_call"] / base, 2) if base > 0 else None)
             _judge(step)
             result["steps"].append(step)
             print(_row(step), flush=True)
@@ -1092,6 +1306,8 @@ _SWITCHES: tuple[tuple[str, str], ...] = (
     ("--keep-going", "run every step even after one broke"),
     ("--asyncio", "run bridge and relay on asyncio instead of uvloop"),
     ("--keep-tmp", "keep raw per-frame data and process logs"),
+    ("--cluster", ("run the --workers as one cluster on a Redis server the bench starts on loopback "
+                   "(redis-server from Debian's package; the 'cluster' extra), as production would")),
 )
 
 
