@@ -4,7 +4,7 @@
     voxbridge dial [--to HOST:PORT] [--wav FILE | --tone HZ] [--dtmf 1@2.5] [--record OUT.wav] …
     voxbridge gateway-sim [--protocol aillomvox|generic-ws|aivoco|openai-realtime] [--listen HOST:PORT] …
     voxbridge check-config FILE
-    voxbridge bench [--calls 50,100,…] [--duration S] [--workers W] [--out DIR]
+    voxbridge bench [--calls 50,100,…] [--duration S] [--workers W [--cluster]] [--out DIR]
 
 ``serve`` and ``check-config`` are the service; ``dial``, ``gateway-sim`` and ``bench`` are the dev
 tools of :mod:`bridge.devtools`, whose modules (and their options) are loaded only when their own
