@@ -961,8 +961,9 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         },
     })
     if args.workers > 1 or redis is not None:
-        # Each worker on its own: the kernel's SO_REUSEPORT hash decides how calls spread over
-        # them, and an uneven spread is a finding about the machine's load, not a failure.
+        # Each worker on its own: the kernel's SO_REUSEPORT hash of each connection's addresses
+        # and ports (not the workers' load) decides how calls spread over them, so an uneven
+        # spread is a finding, not a failure.
         res["workers"] = [_worker_figures(i, pid, st, m["per_pid"][pid], idle[pid])
                           for i, (pid, st) in enumerate(zip(wpids, dumps, strict=True))]
         res["calls_per_worker"] = [w["calls"] for w in res["workers"]]
