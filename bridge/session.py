@@ -601,19 +601,25 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # The gateway calls _on_gateway_event for each event as it arrives (a WebSocket adapter:
         # straight from its connection's read callback), and paces a flood itself
         # (bridge/gateway/base.py, DOWNLINK_SLICE_S).
-        await gateway.deliver(self._on_gateway_event)
+        await gateway.deliver(self._on_gateway_event, self._on_ai_audio)
+
+    def _on_ai_audio(self, pcm: bytes) -> None:
+        """The AI's speech, at the gateway's output rate: queued for the caller (50 times a second
+        while the AI speaks; a gateway may call this instead of handing an :class:`AudioOut`)."""
+        if self._floor_taken:
+            self.stats["stale_audio_dropped"] += 1
+            return
+        down = self._down
+        playout = self.playout
+        playout.push(down.process(pcm) if down is not None else pcm)
+        self._audio_arrived.set()
+        if self._silence is not None:  # the caller is listening until this has played
+            self._silence.ai_speaking_until(time.monotonic() + playout.pending_ms / 1000)
 
     def _on_gateway_event(self, event: Any) -> Awaitable[None] | None:
         """One gateway event, handled now; an awaitable when the rest must wait for it (fallback)."""
         if type(event) is AudioOut:  # 50 times a second while the AI speaks: first, and no isinstance
-            if self._floor_taken:
-                self.stats["stale_audio_dropped"] += 1
-                return None
-            down = self._down
-            self.playout.push(down.process(event.pcm) if down is not None else event.pcm)
-            self._audio_arrived.set()
-            if self._silence is not None:  # the caller is listening until this has played
-                self._silence.ai_speaking_until(time.monotonic() + self.playout.pending_ms / 1000)
+            self._on_ai_audio(event.pcm)
         elif isinstance(event, ClearPlayback):
             self._barge_in("gateway")
         elif isinstance(event, ToolCall):

@@ -123,6 +123,7 @@ class AillomVoxGateway(WebSocketGateway):
     #: tool_result and hangup:
     #: nothing to add context, speak or change tools with once the session is configured.
     capabilities: frozenset[str] = frozenset()
+    binary_is_audio = True  # raw PCM both ways: no wrapper to parse
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ GatewayEvent = (AudioOut | Transcript | ToolCall | ClearPlayback | ResponseDone 
 #: ``None``, or returns an awaitable that must finish before the next event is handed over
 #: (e.g. a fallback after an error).
 EventHandler = Callable[[GatewayEvent], Awaitable[None] | None]
+#: What a session may hand :meth:`Gateway.deliver` for the AI's audio alone (see there).
+AudioHandler = Callable[[bytes], None]
 
 #: Longest the downlink hands one gateway's events over without giving the event loop a turn: a
 #: gateway that floods (1500 tool calls in one burst) must not hold every call's playout meanwhile.
@@ -216,9 +218,14 @@ class Gateway(abc.ABC):
     def events(self) -> AsyncIterator[GatewayEvent]:
         """Events in arrival order; ends after yielding :class:`Closed`."""
 
-    async def deliver(self, handle: EventHandler) -> None:
+    async def deliver(self, handle: EventHandler, audio: AudioHandler | None = None) -> None:
         """Hand every event to ``handle``, in arrival order, until :class:`Closed` (the last one);
         return then. What the session runs for the life of the gateway.
+
+        ``audio``, if given, is what an :class:`AudioOut` means to the session, as a plain
+        function of its PCM: an adapter may call it instead of building the event (50 times a
+        second while the AI speaks), in the same order with the other events. This default does
+        not: every event goes to ``handle``.
 
         This default drives :meth:`events`; an adapter whose wire can call ``handle`` straight
         from its connection's callbacks (bridge/gateway/ws.py) overrides it and saves a task

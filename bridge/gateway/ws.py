@@ -70,7 +70,17 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
-from .base import DOWNLINK_SLICE_S, Closed, EventHandler, Gateway, GatewayError, GatewayEvent, SessionSetup
+from .base import (
+    DOWNLINK_SLICE_S,
+    AudioHandler,
+    AudioOut,
+    Closed,
+    EventHandler,
+    Gateway,
+    GatewayError,
+    GatewayEvent,
+    SessionSetup,
+)
 
 log = logging.getLogger("voxbridge.gateway")
 
@@ -87,6 +97,15 @@ CLOSE_TIMEOUT_S = 2.0
 MASK_POOL_BYTES = 1024
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
+_LENGTH64 = struct.Struct("!Q")
+#: The receive side's modes (UplinkConnection.data_received): the handshake response is being
+#: read; data frames are parsed here; websockets parses everything.
+_RX_HANDSHAKE, _RX_FAST, _RX_WEBSOCKETS = 0, 1, 2
+#: Frames the fast path hands websockets whole: continuation, close, ping, pong (and data frames
+#: of a fragmented message).
+_WEBSOCKETS_OPCODES = frozenset((0, 1, 2, 8, 9, 10))
+#: A handshake response longer than this is websockets' to refuse.
+_MAX_HANDSHAKE_BYTES = 64 * 1024
 
 
 class UplinkConnection(ClientConnection):
@@ -111,7 +130,8 @@ class UplinkConnection(ClientConnection):
     """
 
     def __init__(self, protocol: ClientProtocol, *, on_message: Callable[[str | bytes], None] | None = None,
-                 on_lost: Callable[[], None] | None = None, **kwargs: Any) -> None:
+                 on_binary: Callable[[bytes], None] | None = None, on_lost: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(protocol, **kwargs)
         self.uplink_protocol = protocol
         self.uplink_transport: asyncio.Transport | None = None
@@ -123,11 +143,20 @@ class UplinkConnection(ClientConnection):
         #: say how).
         self.on_message = on_message
         self.on_lost = on_lost
+        #: With ``on_binary`` too, binary messages go there instead (an adapter whose binary
+        #: messages are audio skips the event objects: see :meth:`WebSocketGateway._on_ws_audio`).
+        self.on_binary = on_binary
         self._fragments: list[bytes] = []
         self._fragment_opcode: Opcode | None = None
         #: loop.time() of the first message handed over in the current read (0.0: none yet):
         #: the sink's time slice (see :meth:`WebSocketGateway._emit`).
         self.read_started = 0.0
+        #: The receive side (see :meth:`data_received`): bytes not parsed yet, and the mode.
+        self._rx = bytearray()
+        self._rx_mode = _RX_HANDSHAKE
+        self._rx_need = 0  # bytes the frame at the start of _rx needs in all (0: not known yet)
+        # websockets >= 14 keeps max_size here; the adapters always set it (MAX_MESSAGE_BYTES).
+        self._max_message: int | None = getattr(protocol, "max_message_size", MAX_MESSAGE_BYTES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -177,8 +206,147 @@ class UplinkConnection(ClientConnection):
         return pool[at:at + 4]
 
     def data_received(self, data: bytes) -> None:
+        """The receive path. websockets parses the handshake, control frames and anything unusual;
+        the data frames of an open connection — every 20 ms of AI audio — are parsed here.
+
+        websockets' parser is a chain of generators (a ``Frame``, an ``Opcode`` lookup, three
+        ``read_exact`` steps and an event list per frame), the largest cost per message on the
+        downlink in the load benchmark. An unfragmented, unmasked, unextended data frame of an
+        open connection needs none of it: header, length, payload (RFC 6455 §5.2), then the sink.
+        websockets is handed *whole* frames only — the handshake response up to its blank line,
+        then each control or fragmented frame — so its parser always stands at a frame boundary
+        and its state (pings, pongs, the closing handshake, fragmented messages) stays its own.
+        A frame it must judge (reserved bits, a masked server frame, an unknown opcode, a frame
+        over ``max_size``) hands it the rest of the stream for good: it fails the connection
+        with the right close code exactly as before.
+        """
         self.read_started = 0.0
-        super().data_received(data)
+        mode = self._rx_mode
+        rx = self._rx
+        if mode == _RX_FAST and not rx:
+            self._receive_frames(data)
+        elif mode == _RX_WEBSOCKETS:
+            super().data_received(data)
+        else:
+            rx += data
+            if mode == _RX_HANDSHAKE:
+                self._receive_handshake()
+            elif len(rx) >= self._rx_need:  # a large frame arriving read by read: parse it once, whole
+                self._receive_frames(bytes(rx))
+
+    def eof_received(self) -> None:
+        if self._rx:  # the start of a frame (or of the response): websockets judges the truncation
+            self._to_websockets()
+        super().eof_received()
+
+    def _receive_handshake(self) -> None:
+        rx = self._rx
+        end = rx.find(b"\r\n\r\n")
+        if end < 0:
+            if len(rx) > _MAX_HANDSHAKE_BYTES:  # websockets refuses it with its own error
+                self._to_websockets()
+            return
+        head, rest = bytes(rx[:end + 4]), bytes(rx[end + 4:])
+        rx.clear()
+        super().data_received(head)
+        if self.response is not None and self.protocol.state is State.OPEN and self.on_message is not None:
+            self._rx_mode = _RX_FAST
+            if rest:
+                self._receive_frames(rest)
+        else:  # refused (a body may follow), or failed: websockets has the rest
+            self._rx_mode = _RX_WEBSOCKETS
+            if rest:
+                super().data_received(rest)
+
+    def _to_websockets(self, tail: bytes = b"") -> None:
+        """From here on websockets parses everything (it is at a frame boundary)."""
+        self._rx_mode = _RX_WEBSOCKETS
+        data = bytes(self._rx) + tail
+        self._rx.clear()
+        self._rx_need = 0
+        if data:
+            super().data_received(data)
+
+    def _receive_frames(self, data: bytes) -> None:
+        """Parse ``data`` (whole frames, then maybe the start of one) in fast mode; keep the rest."""
+        n = len(data)
+        off = 0
+        protocol = self.protocol
+        self._rx_need = 0
+        while n - off >= 2:
+            if protocol.state is not State.OPEN:
+                self._rx.clear()
+                self._to_websockets(data[off:])
+                return
+            b0, b1 = data[off], data[off + 1]
+            length = b1 & 0x7F
+            start = off + 2
+            if length == 126:
+                if n - off < 4:
+                    break
+                length = (data[off + 2] << 8) | data[off + 3]
+                start = off + 4
+            elif length == 127:
+                if n - off < 10:
+                    break
+                length = _LENGTH64.unpack_from(data, off + 2)[0]
+                start = off + 10
+            if b1 & 0x80 or b0 & 0x70 or (self._max_message is not None and length > self._max_message):
+                # A masked frame from the server, reserved bits, or too large: websockets' call.
+                self._rx.clear()
+                self._to_websockets(data[off:])
+                return
+            end = start + length
+            if end > n:
+                self._rx_need = end - off
+                break
+            opcode = b0 & 0x0F
+            if b0 & 0x80 and self._fragment_opcode is None and (opcode == 2 or opcode == 1):
+                self._deliver(opcode, data[start:end])
+            elif opcode in _WEBSOCKETS_OPCODES:
+                # A control frame, or part of a fragmented message: websockets' own, whole.
+                super().data_received(data[off:end])
+            else:
+                self._rx.clear()
+                self._to_websockets(data[off:])
+                return
+            off = end
+            if self._rx_mode != _RX_FAST:  # a text frame was not UTF-8: the connection is failing
+                return
+        rx = self._rx
+        if off < n:
+            if rx:
+                del rx[:off]
+            else:
+                rx += data[off:] if off else data
+        else:
+            rx.clear()
+
+    def _deliver(self, opcode: int, payload: bytes) -> None:
+        """One whole data message from the fast path: what :meth:`process_event` does with one."""
+        if opcode == 2:
+            binary = self.on_binary
+            if binary is not None:
+                binary(payload)
+                return
+            message: str | bytes = payload
+        else:
+            try:
+                message = payload.decode()
+            except UnicodeDecodeError as exc:
+                self._invalid_text(exc)
+                return
+        sink = self.on_message
+        assert sink is not None  # without a sink, websockets parses and assembles everything
+        sink(message)
+
+    def _invalid_text(self, exc: UnicodeDecodeError) -> None:
+        # What websockets' recv() does with invalid UTF-8: fail the connection with 1007.
+        self.set_connection_exc(exc)
+        self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+        self.send_data()
+        self._rx_mode = _RX_WEBSOCKETS
+        self._rx.clear()
 
     def process_event(self, event: Any) -> None:
         sink = self.on_message
@@ -200,18 +368,7 @@ class UplinkConnection(ClientConnection):
         else:
             super().process_event(event)  # pongs acknowledge pings; pings and close are the protocol's
             return
-        if opcode is Opcode.TEXT:
-            try:
-                message: str | bytes = data.decode()
-            except UnicodeDecodeError as exc:
-                # What websockets' recv() does with invalid UTF-8: fail the connection with 1007.
-                self.set_connection_exc(exc)
-                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                self.send_data()
-                return
-        else:
-            message = data
-        sink(message)
+        self._deliver(2 if opcode is Opcode.BINARY else 1, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -277,6 +434,9 @@ class WebSocketGateway(Gateway):
 
     #: Shown in log lines and errors ("cannot connect to <name> gateway …").
     protocol_name = "websocket"
+    #: The protocol's binary messages are the AI's audio, raw PCM at :attr:`output_rate` (AillomVox):
+    #: they skip :meth:`_on_message` and go to the session's audio handler (:meth:`_on_ws_audio`).
+    binary_is_audio = False
 
     def __init__(
         self,
@@ -318,6 +478,8 @@ class WebSocketGateway(Gateway):
         # The downlink (see the module doc): the session's handler, events it has not had yet,
         # what it asked to be awaited before the next one, and whether Closed was handed over.
         self._handler: EventHandler | None = None
+        self._audio_handler: AudioHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._backlog: collections.deque[GatewayEvent] = collections.deque()
         self._pending: Awaitable[None] | None = None
         self._delivery_wake = asyncio.Event()
@@ -357,6 +519,9 @@ class WebSocketGateway(Gateway):
 
     async def connect(self, setup: SessionSetup) -> None:
         self._configure(setup)
+        # Kept: asyncio.get_running_loop() costs a getpid() system call, and the downlink asks
+        # the time for every message.
+        self._loop = asyncio.get_running_loop()
         frame_ms = 20
         self._uplink_limit = max(self._hold_ms, UPLINK_BUFFER_MS) // frame_ms
         self._hold_limit = max(self._hold_ms // frame_ms, 1)
@@ -373,8 +538,9 @@ class WebSocketGateway(Gateway):
                 additional_headers=self._headers or None,
                 # A factory, not the class: the sink is in place before the first frame arrives
                 # (it may come in the same read as the handshake response).
-                create_connection=cast(Any, functools.partial(UplinkConnection, on_message=self._on_ws_message,
-                                                              on_lost=self._on_ws_lost)),
+                create_connection=cast(Any, functools.partial(
+                    UplinkConnection, on_message=self._on_ws_message, on_lost=self._on_ws_lost,
+                    on_binary=self._on_ws_audio if self.binary_is_audio else None)),
             )
             assert isinstance(ws, UplinkConnection)  # what create_connection makes
             self._ws = ws
@@ -513,6 +679,38 @@ class WebSocketGateway(Gateway):
         except ParseProblem as exc:
             self._log.warning("ignored %s gateway message: %s", self.protocol_name, exc)
 
+    def _on_ws_audio(self, pcm: bytes) -> None:
+        """A binary message of a protocol whose binary messages are audio (:attr:`binary_is_audio`),
+        from the connection's ``data_received``: straight to the session's audio handler when
+        nothing waits before it and the read's time slice is not spent; else as an
+        :class:`AudioOut` through :meth:`_emit`, in order behind what waits."""
+        if len(pcm) & 1:
+            self._log.warning("gateway sent odd-length audio (%d bytes); last byte dropped", len(pcm))
+            pcm = pcm[:-1]
+            if not pcm:
+                return
+        elif not pcm:
+            return
+        stats = self._stats
+        stats["frames_down"] += 1
+        stats["bytes_down"] += len(pcm)
+        audio = self._audio_handler
+        ws = self._ws
+        if audio is None or self._backlog or self._pending is not None or ws is None:
+            self._emit(AudioOut(pcm))
+            return
+        now = self._loop.time()  # type: ignore[union-attr]  # set by connect(), before any message
+        if not ws.read_started:
+            ws.read_started = now
+        elif now - ws.read_started >= DOWNLINK_SLICE_S:
+            self._hold(AudioOut(pcm))
+            return
+        try:
+            audio(pcm)
+        except Exception as exc:  # noqa: BLE001 - a bug in the handler: it fails deliver(), not the socket
+            self._pending = _raise(exc)
+            self._hold(None)
+
     def _on_ws_lost(self) -> None:
         """The connection is closed: say how, once (websockets' protocol kept both close frames)."""
         if self._closed_emitted:
@@ -543,7 +741,7 @@ class WebSocketGateway(Gateway):
         if ws is not None:
             # Many messages in one read (a flood): after DOWNLINK_SLICE_S the rest waits for the
             # delivery task, so every other call gets the loop (and its playout tick) meanwhile.
-            now = asyncio.get_running_loop().time()
+            now = self._loop.time()  # type: ignore[union-attr]  # set by connect(), before any message
             if not ws.read_started:
                 ws.read_started = now
             elif now - ws.read_started >= DOWNLINK_SLICE_S:
@@ -566,9 +764,10 @@ class WebSocketGateway(Gateway):
             self._ws.pause_delivery()
         self._delivery_wake.set()
 
-    async def deliver(self, handle: EventHandler) -> None:
+    async def deliver(self, handle: EventHandler, audio: AudioHandler | None = None) -> None:
         """Hand every event to ``handle`` in arrival order, from the connection's callbacks, until
-        :class:`Closed` (see :meth:`Gateway.deliver`)."""
+        :class:`Closed` (see :meth:`Gateway.deliver`); with :attr:`binary_is_audio`, the AI's audio
+        to ``audio`` when given."""
         if self._ws is None:
             pending = handle(Closed(None, "never connected", clean=False))
             if pending is not None:
@@ -576,6 +775,7 @@ class WebSocketGateway(Gateway):
             return
         loop = asyncio.get_running_loop()
         self._handler = handle
+        self._audio_handler = audio
         backlog, wake = self._backlog, self._delivery_wake
         wake.set()  # what arrived before the handler was set
         try:
@@ -599,7 +799,7 @@ class WebSocketGateway(Gateway):
                     return
                 self._ws.resume_delivery()
         finally:
-            self._handler = None
+            self._handler = self._audio_handler = None
             if self._pending is not None:  # cancelled before awaiting it: no "never awaited" warning
                 close = getattr(self._pending, "close", None)
                 self._pending = None
