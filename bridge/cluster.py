@@ -632,6 +632,11 @@ class ClusterSettings:
         self.node = node
         self.local = local
 
+    def expected_profile(self, call_id: str) -> str | None:
+        # A request registered in Redis by another node is only known once read (in resolve_settings).
+        profile: str | None = self.local.expected_profile(call_id)
+        return profile
+
     async def resolve_settings(self, call: Any) -> CallSettings:
         try:
             why = await self.node.claim_call(call.call_id)

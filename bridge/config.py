@@ -293,6 +293,13 @@ class _WebSocketTimings(_Model):
     keepalive_interval: float = Field(5.0, gt=0, le=60, description="WebSocket ping every this many seconds")
     keepalive_timeout: float = Field(10.0, gt=0, le=120,
                                      description="a ping unanswered this long means the gateway is gone")
+    # On by default: nothing reaches the service before the call's settings are known (the handshake
+    # only), a connection the call does not use is closed cleanly at once, and one that failed or
+    # went stale is replaced by an ordinary connect. What it costs is one extra handshake for a call
+    # whose dialplan or hook picks a profile on another gateway (README, "First words").
+    preconnect: bool = Field(True, description="open the WebSocket while the call's settings are resolved "
+                                               "(AMI channel, on_call_start hook); the opening messages "
+                                               "follow once they are known")
 
 
 def _ws_url(v: str | None) -> str | None:
@@ -430,6 +437,9 @@ class AivocoGatewayConfig(_NamedGateway):
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: not for aivoco (Socket.IO's heartbeat, set by the server, "
                              "detects a dead link)")
+        if "preconnect" in self.model_fields_set:
+            raise ValueError("preconnect: not for aivoco (its Socket.IO session starts with start_call; there is "
+                             "no connection to open before the call's settings are known)")
         if self.vad.mode == "server":
             raise ValueError("vad.mode server: the aivoco API has no barge-in event; use local (the default) or off")
         return self

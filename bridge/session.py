@@ -68,6 +68,11 @@ PRECONNECT_HOLD_S = 10.0
 #: rate (AudioSocket: the frame's kind): adapters choose their wire format from it (OpenAI Realtime
 #: speaks µ-law to an 8 kHz call, PCM 24 kHz to a 16 kHz one). Asterisk sends a frame every 20 ms.
 FIRST_FRAME_WAIT_S = 0.1
+#: A gateway connection opened while the call's settings are resolved (Gateway.preconnect) and still
+#: unused this long after the longest they can take — the AMI channel wait, the on_call_start hook's
+#: timeout — is closed: services drop sockets that stay unconfigured, and one that did would only be
+#: replaced at connect. This margin also covers the rest of the set-up (Getvar, the first frame).
+PRECONNECT_IDLE_MARGIN_S = 3.0
 #: "After the current sentence": wait for the queue to drain, then this long for more speech.
 SPEECH_TAIL_S = 0.8
 SPEECH_WAIT_MAX_S = 10.0
@@ -100,11 +105,19 @@ class SettingsResolver(Protocol):
 
     async def resolve_settings(self, call: CallSession) -> CallSettings: ...
 
+    def expected_profile(self, call_id: str) -> str | None:
+        """The call's profile if it is known before resolving (an API request's); None: not yet."""
+        ...
+
 
 class GatewayFactory(Protocol):
     """A new gateway adapter for this call (bridge/gateway/factory.py)."""
 
     def __call__(self, call: CallSession) -> Gateway: ...
+
+    def speculative(self, call: CallSession, profile: Profile) -> Gateway | None:
+        """The adapter the call gets if it keeps ``profile``, to preconnect; None: nothing to open early."""
+        ...
 
 
 class FallbackTelephony(Protocol):
@@ -207,6 +220,14 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         #: is the rest of the answer the caller just cut off, and is dropped.
         self._floor_taken = False
         self.gateway: Gateway | None = None
+        # The gateway connection opened while the settings are resolved (see _start_preconnect):
+        # the adapter holding it until the call's own takes it over or it is closed, the task that
+        # opens it (then closes it if it stays unused), set once the handshake is over either way,
+        # and how it failed.
+        self._spec: Gateway | None = None
+        self._spec_task: asyncio.Task[None] | None = None
+        self._spec_opened = asyncio.Event()
+        self._spec_failure: GatewayError | None = None
         self._preconnect: collections.deque[bytes] = collections.deque()
         self._preconnect_bytes = 0
         self._first_frame = asyncio.Event()
@@ -331,6 +352,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
 
     async def _run(self) -> None:
         services = self.services
+        self._start_preconnect()
         settings = await services.settings.resolve_settings(self)
         if settings.refuse:
             self.log.warning("refused: %s", settings.refuse)
@@ -344,6 +366,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         if self.profile.hooks.on_call_start is not None:
             refusal = await services.hooks.call_starting(self.profile_name, self.context(), settings, self.log)
             self._apply_settings(settings)
+        settled = time.monotonic()
         self._start_recording()
         self._publish("call.started", self.call_id, **self._summary())
         if self._fsm.state in FINISHING:
@@ -351,6 +374,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self._fsm.to(CallState.CONNECTING)
         if refusal is not None:
             self.log.warning("the on_call_start hook refused the call: %s", refusal)
+            await self._use_preconnected(None)
             await self._fallback(f"refused by the on_call_start hook: {refusal}")
             return
         if not self._first_frame.is_set():
@@ -392,6 +416,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             on_called=self._tool_called, on_completed=self._tool_completed,
         )
         try:
+            await self._use_preconnected(gateway)
             await gateway.connect(setup)
         except GatewayError as exc:
             self.log.error("%s", exc)
@@ -410,7 +435,16 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         self.gateway = gateway
         if self._fsm.state is CallState.CONNECTING:  # not if already ending (after speech, or at all)
             self._fsm.to(CallState.ACTIVE)
-        self._publish("call.answered", self.call_id, profile=self.profile_name)
+        # The set-up's timeline: settings (channel, Getvar, hook), then the gateway ready — with a
+        # preconnected connection the latter is the opening messages only, not the handshake too.
+        connected = time.monotonic()
+        timeline = {"setup_ms": round((connected - self._t0) * 1000),
+                    "settings_ms": round((settled - self._t0) * 1000),
+                    "connect_ms": round((connected - settled) * 1000),
+                    "preconnect_used": int(gateway.used_preconnect)}
+        for key, value in timeline.items():
+            self.stats[key] = value
+        self._publish("call.answered", self.call_id, profile=self.profile_name, **timeline)
         self._init_uplink()
         # Held at the caller's rate while connecting: resample now, through the call's own
         # (stateful) resampler, so the first words reach the AI at the right pitch.
@@ -427,6 +461,90 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             self._init_gate()
             self.spawn(self._watch_silence(), "silence-watchdog")
         await self._downlink(gateway)
+
+    # ------------------------------------------------------------------ preconnect
+
+    def _start_preconnect(self) -> None:
+        """Open the gateway connection now, while the settings are resolved (under load the AMI
+        channel arrives seconds late, and a hook answers over HTTP): for the gateway of the profile
+        the call has if they change nothing — the API request's or the ingress's if already known,
+        else the default. Only the handshake: nothing of the call is sent before its settings are
+        known (:meth:`_use_preconnected` decides then). A call refused before it has a session (at
+        capacity: bridge/app.py) never gets here; one refused by its settings closes it unused."""
+        services, cfg = self.services, self.services.config
+        name = services.settings.expected_profile(self.call_id)
+        profile = cfg.profiles[name] if name is not None and name in cfg.profiles else self.profile
+        try:
+            spec = services.gateways.speculative(self, profile)
+        except Exception as exc:  # noqa: BLE001 - e.g. a credential gone: the ordinary connect will say so
+            self.log.debug("no preconnect: %s", exc)
+            return
+        if spec is None or spec.endpoint is None:
+            return
+        self._spec = spec
+        self._spec_task = self.spawn(self._open_early(spec), "gateway-preconnect")
+
+    def _preconnect_idle_s(self) -> float:
+        """How long a preconnected connection may wait for its call's settings (see PRECONNECT_IDLE_MARGIN_S)."""
+        cfg = self.services.config
+        channel_wait = cfg.ami.channel_wait if cfg.ami.enabled else 0.0
+        hook = max((p.hooks.on_call_start.timeout for p in cfg.profiles.values()
+                    if p.hooks.on_call_start is not None), default=0.0)
+        return channel_wait + hook + PRECONNECT_IDLE_MARGIN_S
+
+    async def _open_early(self, spec: Gateway) -> None:
+        """The call-owned task that opens ``spec``'s connection, then closes it if the call has not
+        taken it within :meth:`_preconnect_idle_s` (cancelled when it does, or when the call ends;
+        the teardown closes what is left). A failure is not the call's: it connects normally later."""
+        started = time.monotonic()
+        try:
+            await spec.preconnect()
+        except GatewayError as exc:
+            self._spec_failure = exc
+            self.log.debug("preconnect failed (the call will connect normally): %s", exc)
+            return
+        except Exception as exc:  # an adapter's surprise: the ordinary connect decides
+            self._spec_failure = GatewayError(f"gateway preconnect failed ({type(exc).__name__})")
+            self.log.debug("preconnect failed unexpectedly (the call will connect normally)", exc_info=True)
+            return
+        finally:
+            self._spec_opened.set()
+        self.log.debug("gateway preconnected in %.0f ms", (time.monotonic() - started) * 1000)
+        idle = self._preconnect_idle_s()
+        await asyncio.sleep(idle)
+        if self._spec is spec:
+            self.log.debug("preconnected gateway connection unused after %.1f s: closing it", idle)
+            await spec.close()
+
+    async def _use_preconnected(self, gateway: Gateway | None) -> None:
+        """The settings are known: hand the preconnected connection to the call's ``gateway`` if it
+        leads to the same endpoint (waiting for its handshake if still under way: it is the one the
+        call would open now), else close it, cleanly, having carried nothing. ``None``: the call
+        will not connect (refused). A handshake the call waited for that failed is the call's
+        connect failing, at the same moment an ordinary connect would have (GatewayError); one that
+        failed earlier, while the settings were resolved, is only logged: connect() tries afresh."""
+        spec, task = self._spec, self._spec_task
+        if spec is None or task is None:
+            return
+        self._spec = None  # from here this method closes it, whatever happens
+        try:
+            if gateway is not None and gateway.endpoint is not None and gateway.endpoint == spec.endpoint:
+                waited = not self._spec_opened.is_set()
+                await self._spec_opened.wait()  # bounded: the handshake's own connect_timeout
+                if self._spec_failure is not None:
+                    if waited:
+                        raise self._spec_failure
+                elif not gateway.take_preconnected(spec):
+                    self.log.debug("preconnected gateway connection no longer usable: connecting afresh")
+            elif gateway is not None:
+                self.log.debug("the call's gateway is not the one preconnected: closing that connection")
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await self._guard_async("closing the preconnected gateway connection", spec.close, timeout=3)
 
     def _start_recording(self) -> None:
         """Record the call if its profile says so. The clock has been ticking since the UUID
@@ -771,6 +889,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             t.cancel()
         if owned:
             await asyncio.gather(*owned, return_exceptions=True)
+        if self._spec is not None:  # ended while its settings were resolved: the early connection goes too
+            spec, self._spec = self._spec, None
+            await self._guard_async("closing the preconnected gateway connection", spec.close, timeout=3)
         if self.gateway is not None:
             gateway = self.gateway
             closed = False

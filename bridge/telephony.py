@@ -83,6 +83,13 @@ class Asterisk:
         if self.ami is not None:
             await self.ami.stop()
 
+    def expected_profile(self, call_id: str) -> str | None:
+        """The profile a call will get, if it is known before :meth:`resolve_settings` has waited for
+        anything: an API request's (it wins) or the ingress's (ARI). None: not known yet (a dialplan's
+        ``AS_PROFILE`` comes with the AMI channel) — the default profile is the best guess."""
+        known = self.pending.get(call_id) or self.resolved.get(call_id)
+        return known.profile if known is not None else None
+
     async def resolve_settings(self, call: TelephonyCall) -> CallSettings:
         """Per-call settings: the API request, then the dialplan (AMI channel variables), then defaults."""
         if (known := self.resolved.pop(call.call_id, None)) is not None:

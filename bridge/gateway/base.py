@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,8 +138,8 @@ class CommandUnavailable(Exception):
 class Gateway(abc.ABC):
     """One AI conversation. Created per call; never reused.
 
-    Life cycle: ``connect`` → (``send_audio`` / ``send_tool_result``)* and ``events()`` →
-    ``hangup`` or a :class:`Closed` / :class:`RemoteHangup` event → ``close``.
+    Life cycle: [``preconnect``] → ``connect`` → (``send_audio`` / ``send_tool_result``)* and
+    ``events()`` → ``hangup`` or a :class:`Closed` / :class:`RemoteHangup` event → ``close``.
     ``send_*`` never raise on a dead connection: they drop and the event stream reports
     :class:`Closed`, so the session has one place to learn that the gateway is gone.
 
@@ -164,6 +164,9 @@ class Gateway(abc.ABC):
     playout_position: Callable[[], float] | None = None
     #: The name used in log lines and in the API's 409 for a command this protocol cannot do.
     protocol_name: str = "gateway"
+    #: True once :meth:`connect` configured a connection opened by :meth:`preconnect` (its own or
+    #: one it took over), rather than opening one itself: the call's ``preconnect_used``.
+    used_preconnect: bool = False
     #: The mid-call commands of :data:`GATEWAY_COMMANDS` this protocol can carry out. A command not
     #: in it is refused (:class:`CommandUnsupported`), never silently dropped.
     capabilities: frozenset[str] = frozenset()
@@ -191,9 +194,33 @@ class Gateway(abc.ABC):
     def caller_speech_stopped(self) -> None:  # noqa: B027 - an optional hook
         """The bridge's own detector heard the caller stop speaking. Optional: the default does nothing."""
 
+    @property
+    def endpoint(self) -> Hashable | None:
+        """Where :meth:`preconnect` opens its connection: everything its handshake carries (protocol,
+        URI, request headers, connection options), as a value to compare, never to log (it may hold
+        a credential). ``None``: this adapter does not preconnect."""
+        return None
+
+    async def preconnect(self) -> None:  # noqa: B027 - an optional hook
+        """Open the transport now, before the call's settings are known — the handshake only: nothing
+        of the call is sent (the settings may still pick another gateway). :meth:`connect` then sends
+        the opening messages on it if it is still open, or connects afresh. Under load a call's AMI
+        channel can take seconds to arrive; the handshake (100–300 ms to a real service) runs
+        meanwhile instead of after. Raises :class:`GatewayError` like :meth:`connect`; the caller
+        treats that as "connect normally later". Optional: the default does nothing."""
+
+    def take_preconnected(self, other: Gateway) -> bool:
+        """Take over ``other``'s preconnected connection, before :meth:`connect`, if it leads where
+        this gateway would connect (equal :attr:`endpoint`) and nothing was sent on it: then
+        :meth:`connect` uses it. The settings may have picked another gateway entry with the same
+        endpoint (say, other VAD settings), so the connection moves, not the adapter. True if taken;
+        ``other`` keeps nothing to close then. Default: never (False)."""
+        return False
+
     @abc.abstractmethod
     async def connect(self, setup: SessionSetup) -> None:
-        """Open the connection and send the session configuration. Raises GatewayError."""
+        """Open the connection (or use the preconnected one) and send the session configuration.
+        Raises GatewayError."""
 
     @abc.abstractmethod
     def send_audio(self, pcm: bytes) -> None:

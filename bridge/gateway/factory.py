@@ -3,7 +3,8 @@
 A profile with ``gateway: <name>`` gets the entry of that name in ``gateways`` (its ``protocol``
 picks the adapter: ``aillomvox``, ``generic-ws``, ``aivoco``, ``openai-realtime``); a profile
 with none gets the ``gateway`` section (AillomVox, or the embedded demo). One factory per bridge,
-called once per call. A further protocol is one more adapter behind
+called once per call, and once before that for the call's early connection
+(:meth:`GatewayFactory.speculative`). A further protocol is one more adapter behind
 :class:`~bridge.gateway.base.Gateway` and one more branch in :meth:`GatewayFactory.build`,
 with no change to the session. Embedding code and tests may install their own factory
 (:attr:`GatewayFactory.override`).
@@ -25,6 +26,7 @@ from ..config import (
     GenericWsGatewayConfig,
     NamedGateway,
     OpenAIRealtimeGatewayConfig,
+    Profile,
     VadConfig,
 )
 from .aillomvox import AillomVoxGateway
@@ -104,6 +106,25 @@ class GatewayFactory:
         if name is None:
             return self._default(call.call_id)
         return self.build(self.config.gateways[name], call.call_id)
+
+    def speculative(self, call: Any, profile: Profile) -> Gateway | None:
+        """The adapter ``call`` gets if its settings leave it ``profile`` (the default one, or the
+        one an API request or the ingress already named), built now so that its connection can be
+        opened (:meth:`Gateway.preconnect`) while the settings are resolved. None when there is
+        nothing to open early: the gateway's ``preconnect`` is off, its protocol cannot (aivoco's
+        Socket.IO session is the start_call itself), or a custom factory (:attr:`override`) builds
+        the adapters — it alone knows what an extra one would cost."""
+        if self.override is not None:
+            return None
+        name = profile.gateway
+        if name is None:
+            if not self.config.gateway.preconnect or self.url is None:
+                return None
+            return self._default(call.call_id)
+        g = self.config.gateways[name]
+        if isinstance(g, AivocoGatewayConfig) or not g.preconnect:
+            return None
+        return self.build(g, call.call_id)
 
     def _default(self, call_id: str) -> Gateway:
         g = self.config.gateway

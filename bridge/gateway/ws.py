@@ -36,6 +36,17 @@ when one read carries more than ``DOWNLINK_SLICE_S`` of work, or the handler mus
 something (a fallback), the rest waits in a backlog, reading from the socket pauses, and the
 delivery task goes on after giving the loop a turn.
 
+Preconnect
+----------
+A new call's settings can take seconds (under load its AMI channel arrives late; an on_call_start
+hook answers over HTTP), and only they say which gateway the call uses. :meth:`WebSocketGateway.preconnect`
+runs the handshake meanwhile, for the gateway the call would use if they change nothing, and sends
+nothing: the connection is nobody's call yet. :meth:`WebSocketGateway.connect` writes the opening
+messages on it if it is still open, else connects as always. A gateway entry the settings picked
+that leads to the same :attr:`WebSocketGateway.endpoint` takes the connection over
+(:meth:`WebSocketGateway.take_preconnected`); any other is closed by the session, cleanly, having
+carried nothing.
+
 Liveness
 --------
 A gateway that stops answering without closing (a half-open TCP connection: a crashed host, a
@@ -56,7 +67,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, cast
 
 import websockets
@@ -95,6 +106,12 @@ DIRECT_WRITE_LIMIT = 64 * 1024
 CLOSE_TIMEOUT_S = 2.0
 #: Masking keys are drawn from the OS CSPRNG this many bytes (keys × 4) at a time.
 MASK_POOL_BYTES = 1024
+#: What a preconnected connection may receive before its opening messages are sent (OpenAI
+#: Realtime greets with one ``session.created`` of a few kB; AillomVox and generic-ws say nothing):
+#: kept for :meth:`WebSocketGateway.connect` to hand over in order. A server that says more than
+#: this before it knows the call is not one whose connection we reuse: connect afresh.
+PRECONNECT_MAX_MESSAGES = 16
+PRECONNECT_MAX_BYTES = 64 * 1024
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
 _LENGTH64 = struct.Struct("!Q")
@@ -423,6 +440,14 @@ def load_json_object(text: str) -> dict[str, Any]:
     return msg
 
 
+async def _close_quietly(ws: ClientConnection) -> None:
+    """Close a connection the session will not use (closing handshake within ``CLOSE_TIMEOUT_S``)."""
+    try:
+        await ws.close()
+    except Exception:  # noqa: BLE001 - closing a dead socket must not fail the set-up
+        pass
+
+
 async def _raise(exc: Exception) -> None:
     """An awaitable that fails with ``exc``: a handler's error surfaces in :meth:`WebSocketGateway.deliver`
     (the session's task), as if it had been raised there, not in the socket's read callback."""
@@ -484,6 +509,12 @@ class WebSocketGateway(Gateway):
         self._pending: Awaitable[None] | None = None
         self._delivery_wake = asyncio.Event()
         self._closed_emitted = False
+        # Preconnect (see :meth:`preconnect`): ``_ws`` is open but nothing was sent on it yet, and
+        # what the gateway said meanwhile, for connect() to hand to _on_message in order.
+        self._unconfigured = False
+        self._early: list[str | bytes] = []
+        self._early_bytes = 0
+        self._early_overflow = False
 
     # ------------------------------------------------------------------ what a protocol says
 
@@ -517,6 +548,66 @@ class WebSocketGateway(Gateway):
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
+    @property
+    def endpoint(self) -> Hashable:
+        # What the handshake carries and how the connection is kept alive. Credentials that travel
+        # in the opening messages (AillomVox's config apikey) are not part of it: nothing was sent.
+        return (self.protocol_name, self._uri(), tuple(sorted(self._headers.items())),
+                self._keepalive_interval, self._keepalive_timeout)
+
+    async def preconnect(self) -> None:
+        """Open the WebSocket now (the handshake only): :meth:`connect` sends the opening messages
+        on it once the call's settings are known. What the gateway sends meanwhile is kept (within
+        ``PRECONNECT_MAX_*``) and handed to :meth:`_on_message` by :meth:`connect`, before the
+        opening, as if it had just arrived. Keepalive pings run from the handshake on."""
+        if self._ws is not None or self._closed:
+            return
+        ws = await self._open(self._keep_early, None)
+        if self._closed:  # closed while the handshake ran: nothing may stay open
+            await _close_quietly(ws)
+            return
+        self._ws, self._unconfigured = ws, True
+        self._log.debug("%s gateway preconnected: %s", self.protocol_name, redact_url(self._url))
+
+    def take_preconnected(self, other: Gateway) -> bool:
+        if (not isinstance(other, WebSocketGateway) or other is self or self._ws is not None or self._closed
+                or other._closed or other._ws is None or not other._unconfigured
+                or other.endpoint != self.endpoint):
+            return False
+        ws = other._ws
+        other._ws, other._unconfigured = None, False
+        self._early, other._early = other._early, []
+        self._early_bytes, self._early_overflow = other._early_bytes, other._early_overflow
+        ws.on_message = self._keep_early
+        self._ws, self._unconfigured = ws, True
+        return True
+
+    def _keep_early(self, message: str | bytes) -> None:
+        """A message on the preconnected connection before its opening: kept, in order, bounded."""
+        if self._early_overflow:
+            return
+        self._early_bytes += len(message)
+        if len(self._early) >= PRECONNECT_MAX_MESSAGES or self._early_bytes > PRECONNECT_MAX_BYTES:
+            self._early_overflow = True
+            self._early.clear()
+            return
+        self._early.append(message)
+
+    def _preconnection(self) -> UplinkConnection | None:
+        """The preconnected connection if it can carry the session now: still open (a service may
+        drop a socket that stays unconfigured; a keepalive ping may have failed) and not flooded
+        before it knew the call. Checked right before the opening messages are written, with no
+        await in between, so a close the loop has processed is never written into."""
+        ws = self._ws if self._unconfigured else None
+        self._unconfigured = False
+        if ws is None:
+            return None
+        transport = ws.uplink_transport
+        if (ws.uplink_protocol.state is State.OPEN and transport is not None and not transport.is_closing()
+                and not self._early_overflow):
+            return ws
+        return None
+
     async def connect(self, setup: SessionSetup) -> None:
         self._configure(setup)
         # Kept: asyncio.get_running_loop() costs a getpid() system call, and the downlink asks
@@ -525,6 +616,38 @@ class WebSocketGateway(Gateway):
         frame_ms = 20
         self._uplink_limit = max(self._hold_ms, UPLINK_BUFFER_MS) // frame_ms
         self._hold_limit = max(self._hold_ms // frame_ms, 1)
+        preconnected = self._ws if self._unconfigured else None
+        ws = self._preconnection()
+        early, self._early = self._early, []
+        if ws is None:
+            if preconnected is not None:
+                self._ws = None
+                why = "it received too much before its set-up" if self._early_overflow else "the gateway closed it"
+                self._log.debug("%s gateway: preconnected connection unusable (%s); connecting afresh",
+                                self.protocol_name, why)
+                await _close_quietly(preconnected)
+            self._ws = await self._open(self._on_ws_message, self._on_ws_lost, self._binary_sink())
+        else:
+            # From here the connection is this session's: its messages go to the session, in order.
+            self.used_preconnect = True
+            ws.on_message, ws.on_lost, ws.on_binary = self._on_ws_message, self._on_ws_lost, self._binary_sink()
+            for message in early:
+                self._on_ws_message(message)
+        assert self._ws is not None
+        try:
+            for message in self._opening(setup):
+                await self._ws.send(message)
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise GatewayError(f"{self.protocol_name} gateway closed the connection during set-up: {exc}") from None
+        self._sender = asyncio.create_task(self._send_loop(), name=f"gateway-uplink-{self._call}")
+        self._after_open(setup)
+        self._log.info("%s gateway session open: %s rate=%d/%d tools=%d%s", self.protocol_name,
+                       redact_url(self._url), self.sample_rate, self.output_rate or self.sample_rate,
+                       len(setup.tools), " (preconnected)" if self.used_preconnect else "")
+
+    async def _open(self, on_message: Callable[[str | bytes], None], on_lost: Callable[[], None] | None,
+                    on_binary: Callable[[bytes], None] | None = None) -> UplinkConnection:
+        """The WebSocket handshake, within ``connect_timeout``; GatewayError if it fails."""
         try:
             ws = await connect(
                 self._uri(),
@@ -538,28 +661,22 @@ class WebSocketGateway(Gateway):
                 additional_headers=self._headers or None,
                 # A factory, not the class: the sink is in place before the first frame arrives
                 # (it may come in the same read as the handshake response).
-                create_connection=cast(Any, functools.partial(
-                    UplinkConnection, on_message=self._on_ws_message, on_lost=self._on_ws_lost,
-                    on_binary=self._on_ws_audio if self.binary_is_audio else None)),
+                create_connection=cast(Any, functools.partial(UplinkConnection, on_message=on_message,
+                                                              on_binary=on_binary, on_lost=on_lost)),
             )
             assert isinstance(ws, UplinkConnection)  # what create_connection makes
-            self._ws = ws
+            return ws
         except (TimeoutError, OSError, websockets.exceptions.WebSocketException) as exc:
             # A header websockets refuses is quoted in its message, and ours carry credentials.
             why = ("a request header websockets refused (not shown: it may hold a credential)"
                    if isinstance(exc, websockets.exceptions.InvalidHeader) else str(exc) or type(exc).__name__)
             raise GatewayError(f"cannot connect to {self.protocol_name} gateway {redact_url(self._url)}: {why}") \
                 from None
-        try:
-            for message in self._opening(setup):
-                await self._ws.send(message)
-        except websockets.exceptions.ConnectionClosed as exc:
-            raise GatewayError(f"{self.protocol_name} gateway closed the connection during set-up: {exc}") from None
-        self._sender = asyncio.create_task(self._send_loop(), name=f"gateway-uplink-{self._call}")
-        self._after_open(setup)
-        self._log.info("%s gateway session open: %s rate=%d/%d tools=%d", self.protocol_name,
-                       redact_url(self._url), self.sample_rate, self.output_rate or self.sample_rate,
-                       len(setup.tools))
+
+    def _binary_sink(self) -> Callable[[bytes], None] | None:
+        """Where the connection hands binary messages: the audio path if they are audio, else
+        nowhere special (they go to ``on_message`` with the text ones)."""
+        return self._on_ws_audio if self.binary_is_audio else None
 
     def _configure(self, setup: SessionSetup) -> None:
         """Choose the rates from the set-up (before connecting). Default: the profile's rate."""
@@ -851,3 +968,4 @@ class WebSocketGateway(Gateway):
                 pass
         self._uplink.clear()
         self._control.clear()
+        self._early.clear()

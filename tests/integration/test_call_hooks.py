@@ -135,7 +135,11 @@ async def test_a_start_hook_that_refuses_runs_the_profiles_fallback(make_bridge,
     assert await caller.wait_ended(WAIT) == "hangup-frame"  # back to the dialplan, after the message
     pcm = np.frombuffer(bytes(caller.received_audio), "<i2")
     assert (np.abs(pcm) > 500).sum() >= 0.4 * 8000  # the fallback message was heard: no dead air
-    assert len(sim.sessions) == 0  # the AI was never connected
+    # The AI was never told of the call: the connection opened while the hook ran (preconnect)
+    # carried nothing and was closed by the bridge.
+    for s in sim.sessions:
+        await asyncio.wait_for(s.closed.wait(), WAIT)
+        assert s.config is None and not s.messages and s.closed_by == "client"
     done = await next_event(events, "hook.completed", hook="on_call_start")
     assert done.data["outcome"] == "refused" and done.data["changes"] == ["refuse"]
     ended = await next_event(events, "call.ended")

@@ -8,15 +8,14 @@ import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.ami import AmiClient, AmiError, AmiMessage, AmiParser, encode_action
+from bridge.ami import AmiError, AmiMessage, AmiParser, encode_action
 from bridge.channels import ChannelTracker, uuid_from_app
-from tests.fakes import FakeCall
+from tests.fakes import FakeAsterisk, FakeCall, reply
 from tools.ami import Telephony
 from tools.base import ChannelInfo, ToolError
 
@@ -159,94 +158,6 @@ async def test_tools_refuse_clearly_without_ami():
 
 
 # ------------------------------------------------------------------------------ the driver, on loopback
-
-
-class FakeAsterisk:
-    """A tiny AMI server on loopback: banner, Login, Ping, and per-action scripted answers.
-
-    ``answers[action]`` is a function ``(message) -> bytes | None`` (None: no answer). Every action
-    received is kept, per connection, in ``actions``; ``changed`` is set on every arrival (and by
-    test hooks), so ``until`` re-checks its condition whenever something happened.
-    """
-
-    def __init__(self, secret: str = "s3cret") -> None:
-        self.secret = secret
-        self.answer_pings = True
-        self.answers: dict[str, Any] = {}
-        self.actions: list[list[AmiMessage]] = []  # per connection
-        self.writers: list[asyncio.StreamWriter] = []
-        self.changed = asyncio.Event()
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> FakeAsterisk:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.drop()
-        self.server.close()
-        await self.server.wait_closed()
-
-    def client(self, secret: str | None = None, **kw) -> AmiClient:
-        kw.setdefault("backoff_min", 0.01)
-        kw.setdefault("backoff_max", 0.05)
-        return AmiClient("127.0.0.1", self.port, "vb", self.secret if secret is None else secret, **kw)
-
-    def drop(self) -> None:
-        """Asterisk goes away (RST): every connection ends at once."""
-        for w in self.writers:
-            w.transport.abort()
-        self.writers.clear()
-
-    def received(self, action: str) -> list[AmiMessage]:
-        return [m for conn in self.actions for m in conn if m.get("Action") == action]
-
-    async def until(self, predicate, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        mine: list[AmiMessage] = []
-        self.actions.append(mine)
-        parser = AmiParser()
-        parser.feed(b"client side\r\n")
-        writer.write(BANNER)
-        try:
-            while data := await reader.read(65536):
-                for m in parser.feed(data):
-                    mine.append(m)
-                    answer = self._answer(m)
-                    if answer:
-                        writer.write(answer)
-                    self.changed.set()
-        except ConnectionError:
-            pass
-        finally:
-            self.changed.set()
-            writer.close()
-
-    def _answer(self, m: AmiMessage) -> bytes | None:
-        action, aid = m["Action"], m.action_id
-        if action == "Login":
-            ok = m.get("Secret") == self.secret
-            return reply(aid, Response="Success" if ok else "Error",
-                         Message="Authentication accepted" if ok else "Authentication failed")
-        if action == "Ping":
-            return reply(aid, Response="Success", Ping="Pong") if self.answer_pings else None
-        if action in self.answers:
-            return self.answers[action](m)
-        return reply(aid, Response="Success")
-
-
-def reply(action_id: str | None, **fields) -> bytes:
-    lines = [f"{k}: {v}" for k, v in fields.items()]
-    if action_id is not None:
-        lines.insert(1, f"ActionID: {action_id}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @pytest.fixture

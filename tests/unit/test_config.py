@@ -349,6 +349,24 @@ def test_aivoco_refuses_settings_it_would_silently_ignore(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(f, env={})
     assert "vad.mode server: the aivoco API has no barge-in event" in str(exc.value)
+    f.write_text("gateways:\n  a: {protocol: aivoco, preconnect: false}\nprofiles:\n  default: {gateway: a}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    assert "gateways.a: Value error, preconnect: not for aivoco" in str(exc.value)
+
+
+def test_preconnect_is_on_by_default_and_off_per_gateway(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gateway: {url: 'wss://gw.example/ws', api_key: k, preconnect: false}\n"
+                 "gateways:\n  o: {protocol: openai-realtime, api_key: k}\n"
+                 "  g: {protocol: generic-ws, url: 'wss://ai.example/ws', preconnect: false}\n")
+    cfg = load_config(f, env={})
+    assert cfg.gateway.preconnect is False
+    assert cfg.gateways["o"].preconnect is True and cfg.gateways["g"].preconnect is False
+    f.write_text("gateway: {url: 'wss://gw.example/ws', api_key: k, preconnect: sometimes}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, env={})
+    assert "gateway.preconnect" in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------------- ARI
