@@ -79,6 +79,7 @@ class AudioSocketConnection(asyncio.Protocol):
         self.peer = "?"
         self.session: Call | None = None
         self._decoder = asp.FrameDecoder()
+        self._partial = False  # the decoder holds the start of a frame (the fast path must not run)
         self._uuid_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._hung_up = False
@@ -103,7 +104,7 @@ class AudioSocketConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         session = self.session
-        if session is not None and len(data) > 3 and not self._decoder.buffered:
+        if session is not None and not self._partial and len(data) > 3:
             # Fast path, 50 times a second per call: exactly one whole audio frame (what Asterisk
             # writes each 20 ms), nothing pending. No decoder buffer, no Frame object.
             rate = _RATE_OF_KIND_BYTE.get(data[0])
@@ -123,6 +124,7 @@ class AudioSocketConnection(asyncio.Protocol):
             if self.session is None and decoder.pending_kind() not in (None, asp.Kind.UUID):
                 # Judge the header at once: do not wait up to 64 KiB for a frame we must refuse.
                 raise asp.ProtocolError(f"first frame must be the UUID (0x01), got kind 0x{decoder.pending_kind():02x}")
+            self._partial = decoder.buffered > 0
         except asp.ProtocolError as exc:
             self._protocol_error(str(exc))
 

@@ -209,7 +209,13 @@ class UplinkConnection(ClientConnection):
             header = _HEADER16.pack(first, 0x80 | 126, n)
         else:
             header = _HEADER64.pack(first, 0x80 | 127, n)
-        mask = self._mask_key()
+        # A fresh masking key (_mask_key, inlined: this runs 50 times a second per call).
+        pool, at = self._mask_pool, self._mask_at
+        if at >= len(pool):
+            pool, at = os.urandom(MASK_POOL_BYTES), 0
+            self._mask_pool = pool
+        self._mask_at = at + 4
+        mask = pool[at:at + 4]
         transport.write(header + mask + apply_mask(payload, mask))
         return True
 
@@ -290,8 +296,11 @@ class UplinkConnection(ClientConnection):
         off = 0
         protocol = self.protocol
         self._rx_need = 0
+        # The state changes only through websockets (a close frame handed to it below) or a
+        # failure of ours, not in a sink: it is checked here and after each frame websockets had.
+        is_open = protocol.state is State.OPEN
         while n - off >= 2:
-            if protocol.state is not State.OPEN:
+            if not is_open:
                 self._rx.clear()
                 self._to_websockets(data[off:])
                 return
@@ -323,6 +332,7 @@ class UplinkConnection(ClientConnection):
             elif opcode in _WEBSOCKETS_OPCODES:
                 # A control frame, or part of a fragmented message: websockets' own, whole.
                 super().data_received(data[off:end])
+                is_open = protocol.state is State.OPEN
             else:
                 self._rx.clear()
                 self._to_websockets(data[off:])
