@@ -46,6 +46,7 @@ from .gateway.base import (
     SessionSetup,
     ToolCall,
     Transcript,
+    cancel_and_wait,
 )
 from .leg import CallerLeg
 from .playout import PlayoutBuffer
@@ -539,11 +540,7 @@ class CallSession:  # implements tools.base.CallControl (structurally)
             elif gateway is not None:
                 self.log.debug("the call's gateway is not the one preconnected: closing that connection")
         finally:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(task)  # _open_early catches its own failures
             await self._guard_async("closing the preconnected gateway connection", spec.close, timeout=3)
 
     def _start_recording(self) -> None:
@@ -719,7 +716,10 @@ class CallSession:  # implements tools.base.CallControl (structurally)
         # The gateway calls _on_gateway_event for each event as it arrives (a WebSocket adapter:
         # straight from its connection's read callback), and paces a flood itself
         # (bridge/gateway/base.py, DOWNLINK_SLICE_S).
-        await gateway.deliver(self._on_gateway_event, self._on_ai_audio)
+        if gateway.takes_audio_handler:
+            await gateway.deliver(self._on_gateway_event, self._on_ai_audio)
+        else:  # an adapter with deliver(handle) of its own (GatewayFactory.override)
+            await gateway.deliver(self._on_gateway_event)
 
     def _on_ai_audio(self, pcm: bytes) -> None:
         """The AI's speech, at the gateway's output rate: queued for the caller (50 times a second

@@ -385,6 +385,8 @@ class CallStore:
             return
         self._queue.append(item)
         self._enqueued += 1
+        if len(self._queue) >= BATCH_MAX:
+            self._hurry.set()  # a whole batch is waiting: no reason to linger
         if self._loop is not None and (self._writer is None or self._writer.done()):
             self._spawn_writer()
 

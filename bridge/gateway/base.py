@@ -97,6 +97,20 @@ GatewayEvent = (AudioOut | Transcript | ToolCall | ClearPlayback | ResponseDone 
 #: ``None``, or returns an awaitable that must finish before the next event is handed over
 #: (e.g. a fallback after an error).
 EventHandler = Callable[[GatewayEvent], Awaitable[None] | None]
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has finished, re-raising what it failed with (other than
+    its cancellation) — without swallowing a cancellation of the caller's own.
+
+    ``task.cancel(); try: await task; except CancelledError: pass`` cannot tell the two apart:
+    if the caller is cancelled while it waits, awaiting the task raises the task's cancellation,
+    the ``except`` eats it and the caller carries on as if it had never been cancelled.
+    """
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        raise exc
+
+
 #: What a session may hand :meth:`Gateway.deliver` for the AI's audio alone (see there).
 AudioHandler = Callable[[bytes], None]
 
@@ -244,6 +258,10 @@ class Gateway(abc.ABC):
     @abc.abstractmethod
     def events(self) -> AsyncIterator[GatewayEvent]:
         """Events in arrival order; ends after yielding :class:`Closed`."""
+
+    #: :meth:`deliver` takes the ``audio`` handler: an adapter that overrides ``deliver`` with
+    #: the older one-argument signature leaves this False and keeps working.
+    takes_audio_handler = False
 
     async def deliver(self, handle: EventHandler, audio: AudioHandler | None = None) -> None:
         """Hand every event to ``handle``, in arrival order, until :class:`Closed` (the last one);

@@ -91,6 +91,7 @@ from .base import (
     GatewayError,
     GatewayEvent,
     SessionSetup,
+    cancel_and_wait,
 )
 
 log = logging.getLogger("voxbridge.gateway")
@@ -253,7 +254,7 @@ class UplinkConnection(ClientConnection):
         else:
             rx += data
             if mode == _RX_HANDSHAKE:
-                self._receive_handshake()
+                self._receive_handshake(len(data))
             elif len(rx) >= self._rx_need:  # a large frame arriving read by read: parse it once, whole
                 self._receive_frames(bytes(rx))
 
@@ -262,9 +263,9 @@ class UplinkConnection(ClientConnection):
             self._to_websockets()
         super().eof_received()
 
-    def _receive_handshake(self) -> None:
+    def _receive_handshake(self, new: int) -> None:
         rx = self._rx
-        end = rx.find(b"\r\n\r\n")
+        end = rx.find(b"\r\n\r\n", max(0, len(rx) - new - 3))  # only where the new bytes can end it
         if end < 0:
             if len(rx) > _MAX_HANDSHAKE_BYTES:  # websockets refuses it with its own error
                 self._to_websockets()
@@ -472,6 +473,7 @@ class WebSocketGateway(Gateway):
     #: The protocol's binary messages are the AI's audio, raw PCM at :attr:`output_rate` (AillomVox):
     #: they skip :meth:`_on_message` and go to the session's audio handler (:meth:`_on_ws_audio`).
     binary_is_audio = False
+    takes_audio_handler = True
 
     def __init__(
         self,
@@ -641,11 +643,16 @@ class WebSocketGateway(Gateway):
             # From here the connection is this session's: its messages go to the session, in order.
             self.used_preconnect = True
             ws.on_message, ws.on_lost, ws.on_binary = self._on_ws_message, self._on_ws_lost, self._binary_sink()
+        assert self._ws is not None
+        # The opening first: it sets what the protocol's handling of the server's first messages
+        # reads (generic-ws: the greeting that "ready" releases), whether they came while the
+        # settings were resolved (replayed now) or come after the handshake as they always could.
+        opening = self._opening(setup)
+        if self.used_preconnect:  # what a connection replaced as unusable said stays with it
             for message in early:
                 self._on_ws_message(message)
-        assert self._ws is not None
         try:
-            for message in self._opening(setup):
+            for message in opening:
                 await self._ws.send(message)
         except websockets.exceptions.ConnectionClosed as exc:
             raise GatewayError(f"{self.protocol_name} gateway closed the connection during set-up: {exc}") from None
@@ -951,11 +958,7 @@ class WebSocketGateway(Gateway):
                 if isinstance(event, Closed):
                     return
         finally:
-            pump.cancel()
-            try:
-                await pump
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(pump)
 
     def _count_down(self, nbytes: int) -> None:
         self._stats["frames_down"] += 1
@@ -966,11 +969,7 @@ class WebSocketGateway(Gateway):
             return
         self._closed = True
         if self._sender is not None:
-            self._sender.cancel()
-            try:
-                await self._sender
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._sender)
         if self._ws is not None:
             try:
                 await self._ws.close()

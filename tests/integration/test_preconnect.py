@@ -431,3 +431,38 @@ async def test_an_endpoint_is_what_the_handshake_carries():
             assert session.closed_by == "client"
         finally:
             await spec.close()
+
+
+async def test_a_ready_that_came_while_the_settings_were_resolved_still_releases_the_greeting():
+    """A generic-ws service that says "ready" as soon as it accepts: the message waits with the
+    early connection, and is handed over after the opening is built, so the greeting it releases
+    (text.input) goes out — the order a fresh connect has always had (found in review)."""
+    from websockets.asyncio.server import serve
+
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def service(ws: Any) -> None:
+        await ws.send('{"type": "ready"}')
+        async for message in ws:
+            if isinstance(message, str):
+                got.append(__import__("json").loads(message)["type"])
+                if got[-1] == "text.input":
+                    done.set()
+
+    async with serve(service, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        gw = GenericWsGateway(f"ws://127.0.0.1:{port}/", audio_format="pcm16", sample_rate=16000)
+        try:
+            await gw.preconnect()
+            async with asyncio.timeout(WAIT):
+                while not gw._early:  # "ready" arrived before the settings
+                    await asyncio.sleep(0.01)
+            await gw.connect(SessionSetup(provider="x", sample_rate=16000, system_prompt="p",
+                                          first_message="Hello there"))
+            assert gw.used_preconnect
+            async with asyncio.timeout(WAIT):
+                await done.wait()
+            assert got[:2] == ["session.init", "text.input"]
+        finally:
+            await gw.close()
