@@ -56,6 +56,10 @@ CALL_VARIABLES = ("AS_UUID", "AS_PROFILE", "AS_VARS")
 RELEASE_GRACE_S = 3.0
 #: How long a channel entering the application again waits for its previous call to finish ending.
 PREVIOUS_CALL_WAIT_S = 5.0
+#: How long set-up waits for the External Media channel to enter the application before bridging
+#: it (Asterisk answers POST /channels/externalMedia before the channel's StasisStart, and a
+#: bridge refuses a channel not yet in Stasis: "422 Channel not in Stasis application").
+MEDIA_STASIS_WAIT_S = 5.0
 
 
 class Session(LegListener, Protocol):
@@ -100,8 +104,11 @@ class AriIngress:
             return
         cid = channel["id"]
         if kind == "StasisStart":
-            if cid in self._media or cid in self.calls:
-                return  # our own External Media channel; or a call already running: never set up twice
+            if (owner := self._media.get(cid)) is not None:
+                owner.media_in_stasis.set()  # our own External Media channel: bridgeable now
+                return
+            if cid in self.calls:
+                return  # a call already running: never set up twice
             if self.closing:
                 self._spawn(self._turn_away(cid), f"ari-turn-away-{cid}")
                 return
@@ -184,6 +191,8 @@ class AriCall:
         self.args = [str(a) for a in args]
         self.call_id = self.channel_id
         self.media_id: str | None = None
+        #: Set by the External Media channel's StasisStart: it may be bridged from then on.
+        self.media_in_stasis = asyncio.Event()
         self.bridge_id: str | None = None
         self.leg: RtpLeg | None = None
         self.session: Session | None = None
@@ -277,6 +286,14 @@ class AriCall:
         self.bridge_id = f"vb-bridge-{uuid.uuid4().hex}"
         await self._client.request("POST", "/bridges", params={"type": "mixing", "bridgeId": self.bridge_id})
         if self.released:  # the session ended meanwhile: its release may have missed the new bridge
+            await self._undo()
+            return
+        try:
+            await asyncio.wait_for(self.media_in_stasis.wait(), MEDIA_STASIS_WAIT_S)
+        except TimeoutError:  # its event lost (the stream reconnected)? Asterisk's answer decides
+            log.warning("[%s] no StasisStart from External Media %s within %.0f s: bridging it anyway",
+                        self.call_id, self.media_id, MEDIA_STASIS_WAIT_S)
+        if self.released:
             await self._undo()
             return
         await self._client.request("POST", f"/bridges/{self.bridge_id}/addChannel",

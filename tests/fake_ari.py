@@ -20,6 +20,8 @@ class FakeAri:
         self.sockets: list[web.WebSocketResponse] = []
         self.connected = asyncio.Queue[web.WebSocketResponse]()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        #: (method, path, status) of each answer given, in order.
+        self.answered: list[tuple[str, str, int]] = []
         self.answers: dict[tuple[str, str], tuple[int, Any]] = {}
         self.refuse_events = False
         #: (method, path) → an event the answer waits for (a request held in flight by the test).
@@ -30,6 +32,11 @@ class FakeAri:
         self.rtp_address = ("127.0.0.1", 9)
         #: The External Media channels and bridges that exist (made by the bridge, not yet deleted).
         self.alive: set[str] = set()
+        #: Channels in the application (a StasisStart sent, no StasisEnd): only these can be bridged.
+        self.in_stasis: set[str] = set()
+        #: How long after answering POST /channels/externalMedia the new channel's StasisStart comes
+        #: (Asterisk answers first; a bridge refuses a channel not yet in Stasis with 422).
+        self.media_stasis_delay = 0.0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -71,10 +78,20 @@ class FakeAri:
             name = path.rsplit("/", 1)[1]
             default = (204, None) if name in self.alive else (404, {"message": "Channel not found"})
             self.alive.discard(name)
+        elif request.method == "POST" and path.startswith("/bridges/") and path.endswith("/addChannel"):
+            missing = [c for c in request.query.get("channel", "").split(",") if c not in self.in_stasis]
+            if missing:
+                default = (422, {"message": "Channel not in Stasis application"})
         status, body = self.answers.get((request.method, path), default)
         if status == 200 and isinstance(body, dict) and (request.method, path) in (
                 ("POST", "/channels/externalMedia"), ("POST", "/bridges")):
             self.alive.add(body["id"])
+        if status == 200 and (request.method, path) == ("POST", "/channels/externalMedia"):
+            media = {"type": "StasisStart", "args": [], "channel": {"id": body["id"], "name": body["name"],
+                                                                       "state": "Up"}}
+            asyncio.get_running_loop().call_later(
+                self.media_stasis_delay, lambda: asyncio.ensure_future(self.send(media)))
+        self.answered.append((request.method, path, status))
         if body is None:
             return web.Response(status=status)
         if isinstance(body, str):
@@ -82,10 +99,16 @@ class FakeAri:
         return web.json_response(body, status=status)
 
     async def send(self, event: dict[str, Any]) -> None:
-        """Send an event on the newest event stream."""
+        """Send an event on the newest event stream (and keep track of who is in the application)."""
         import json
 
-        await self.sockets[-1].send_str(json.dumps(event))
+        cid = (event.get("channel") or {}).get("id") if isinstance(event.get("channel"), dict) else None
+        if event.get("type") == "StasisStart" and isinstance(cid, str):
+            self.in_stasis.add(cid)
+        elif event.get("type") in ("StasisEnd", "ChannelDestroyed") and isinstance(cid, str):
+            self.in_stasis.discard(cid)
+        if self.sockets and not self.sockets[-1].closed:
+            await self.sockets[-1].send_str(json.dumps(event))
 
     def made(self, method: str, prefix: str) -> list[tuple[str, str, dict[str, str]]]:
         """The requests so far with this method whose path starts with ``prefix``."""

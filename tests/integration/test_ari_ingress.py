@@ -173,3 +173,24 @@ async def test_shutdown_mid_set_up_deletes_what_was_being_made_and_turns_new_cal
     assert ari.made("POST", "/channels/7.1/continue")  # the caller went back to the dialplan
     assert ari.made("POST", "/channels/7.2/continue")  # and so did the one turned away
     assert b.sessions == {}
+
+
+async def test_the_external_media_channel_is_bridged_only_once_it_is_in_the_application(bridge, ari):
+    """Asterisk answers POST /channels/externalMedia before the new channel's StasisStart, and a
+    bridge refuses a channel not yet in Stasis (422): set-up waits for that StasisStart (a CI run
+    on the real Asterisk failed this way once before it did)."""
+    ari.media_stasis_delay = 0.5
+    await ari.send(stasis_start("7.1"))
+    media = await request(ari, "POST", "/channels/externalMedia")
+    add = await request(ari, "POST", "/bridges/")
+    assert add[1].endswith("/addChannel") and media[2]["channelId"] in ari.in_stasis
+    call = bridge.sessions["7.1"]
+    async with asyncio.timeout(5):
+        while not [a for a in ari.answered if a[1] == add[1]]:
+            await asyncio.sleep(0.01)
+    assert [a[2] for a in ari.answered if a[1] == add[1]] == [204]  # not 422: it was in the application
+    assert not call.ended.is_set() and "7.1" in bridge.ari.calls
+    call.end("ai-hangup")
+    await request(ari, "POST", "/channels/7.1/continue")
+    await ari.send(stasis_end("7.1"))
+    await nothing_left(bridge, ari)
