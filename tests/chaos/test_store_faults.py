@@ -20,7 +20,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 import yaml
 
 from bridge.devtools.dial import AudioSocketCaller, tone
+from tests.ports import free_port
 
 from .conftest import API_KEY, accepted, assert_paced, metric_total
 
@@ -38,12 +38,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(60)]
 
 TOKEN = "chaos-api-token-0123456789"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def until(predicate, timeout: float, what: str, every: float = 0.1):

@@ -31,18 +31,14 @@ import httpx
 import pytest
 import yaml
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 #: Generous: two shared cores, three bridges, Redis and PostgreSQL starting together.
 START_TIMEOUT_S = 60.0
 HEARTBEAT_S = 0.5
 NODE_TIMEOUT_S = 2.0
 NODES = ("node-a", "node-b", "node-c")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _need(binary: str, package: str) -> str:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from bridge.devtools.gateway_sim import GatewaySim, SimSession, VadConfig, tone
+from tests.ports import free_port
 
 from .ami_client import AmiClient
 from .asterisk import AsteriskSandbox, ensure_proc
@@ -228,14 +229,6 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class BridgeProcess:
     """``python -m bridge serve -c <config>`` in its own process, stopped by its PID."""
 
@@ -335,7 +328,6 @@ class SlowOpeningGateway(GatewaySim):
     async def _process_request(self, connection: Any, request: Any) -> Any:  # type: ignore[override]
         await asyncio.sleep(self.open_delay_s)
         return GatewaySim._process_request(connection, request)
-
 
 
 @dataclass

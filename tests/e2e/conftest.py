@@ -13,7 +13,6 @@ Every test collected under tests/e2e gets the ``e2e`` marker.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from ami_client import AmiClient  # noqa: E402
 from asterisk import AsteriskSandbox, ensure_proc, release_proc  # noqa: E402
 
 from tests.conftest import ci_enabled  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 SANDBOX_SH = HERE / "sandbox.sh"
 
@@ -38,21 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
-
-
-_used_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (and not handed out before in this session)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _used_ports:
-            _used_ports.add(port)
-            return port
-    raise RuntimeError("no free port found")
 
 
 def _unavailable(reason: str) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +28,8 @@ import pytest
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import Response
+
+from tests.ports import free_port
 
 from .n8n import N8nSandbox
 from .test_n8n import PACKAGE_DIR, n8n_root  # noqa: F401 - the session fixture (sandbox.sh n8n)
@@ -77,12 +78,6 @@ class LossyProxy:
             return
         await Response(upstream.content, status_code=upstream.status_code,
                        media_type=upstream.headers.get("content-type"))(scope, receive, send)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def node(name: str, type: str, position: int, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:

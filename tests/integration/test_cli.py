@@ -14,14 +14,9 @@ import time
 import pytest
 
 from bridge.devtools.dial import AudioSocketCaller
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def voxbridge(*args: str) -> list[str]:
