@@ -30,6 +30,9 @@ log = logging.getLogger("voxbridge.channels")
 
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 VARIABLE = "AS_UUID"
+#: How long a call found only through its ``AS_UUID`` variable waits for the event naming the
+#: channel that runs AudioSocket (which wins: see :meth:`ChannelTracker.wait_for`).
+VARIABLE_ONLY_GRACE_S = 0.3
 
 
 def uuid_from_app(application: str | None, data: str | None) -> str | None:
@@ -74,16 +77,22 @@ class ChannelTracker:
         ami.on_connect(self.resync)
 
     async def wait_for(self, call_uuid: str, timeout: float) -> ChannelInfo | None:
+        """The channel behind ``call_uuid``: the one running AudioSocket as soon as an event says
+        so; a channel known only by its ``AS_UUID`` variable after up to ``VARIABLE_ONLY_GRACE_S``
+        more (the other half of a Local pair carries the variable too, and its event can come
+        first: a call correlated to it would transfer or hang up the wrong half)."""
         key = call_uuid.lower()
-        if key in self._by_uuid:
+        if key in self._authoritative:
             return self._by_uuid[key]
+        if key in self._by_uuid:
+            timeout = min(timeout, VARIABLE_ONLY_GRACE_S)
         fut: asyncio.Future[ChannelInfo] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         except TimeoutError:
-            return None
+            return self._by_uuid.get(key)  # known by its variable only (or not at all: None)
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None:
@@ -103,6 +112,16 @@ class ChannelTracker:
         self._by_uuid[key] = info
         if authoritative:
             self._authoritative.add(key)
+        elif self._waiters.get(key):
+            # Known by the variable only: give the channel running AudioSocket a moment to show up.
+            asyncio.get_running_loop().call_later(VARIABLE_ONLY_GRACE_S, self._settle, key)
+            return
+        self._settle(key)
+
+    def _settle(self, key: str) -> None:
+        info = self._by_uuid.get(key)
+        if info is None:
+            return
         for fut in self._waiters.pop(key, []):
             if not fut.done():
                 fut.set_result(info)

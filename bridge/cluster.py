@@ -520,9 +520,11 @@ class ClusterNode:
                 self._hooks_seen = version
             await self.redis.publish(KEY + "hooks", self.node_id)
 
-    async def _hooks_current(self) -> None:
-        """Before handing on events: reload the subscriptions if one changed since the last load
-        (a creation answered before these events were published is then included)."""
+    async def hooks_current(self) -> None:
+        """Before handing on events, and before the API lists them: reload the subscriptions if one
+        changed since the last load (a creation answered before these events were published is then
+        included; a node that started while another node created one, and so missed its pub/sub
+        message, lists it all the same)."""
         if self._webhooks is None:
             return
         try:
@@ -589,7 +591,7 @@ class ClusterNode:
     async def _hand_to_webhooks(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         if not entries:
             return
-        await self._hooks_current()
+        await self.hooks_current()
         for _entry_id, fields in entries:
             if self._webhooks is not None and fields:
                 self._webhooks.offer(_event_from_json(fields["event"]))

@@ -98,6 +98,25 @@ async def test_tracker_waiters_get_a_late_channel():
     assert await t.wait_for("11111111-2222-3333-4444-555555555555", 0.05) is None
 
 
+async def test_a_waiter_gets_the_channel_running_audiosocket_even_when_the_other_half_shows_first():
+    """The ;2 half's AS_UUID event can come before the ;1 half's Newexten(AudioSocket): the waiter
+    must not be handed the ;2 half (transfer and hangup would act on the wrong channel; a CI run on
+    the real Asterisk caught it). Known by its variable only, a channel is given after the grace."""
+    t = ChannelTracker()
+    waiter = asyncio.create_task(t.wait_for(U, 2))
+    await asyncio.sleep(0)
+    t.on_event(msg(Event="VarSet", Channel="Local/caller@t-1;2", Uniqueid="2", Variable="AS_UUID", Value=U))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    t.on_event(msg(Event="Newexten", Channel="Local/caller@t-1;1", Uniqueid="1", Application="AudioSocket",
+                   AppData=f"{U},127.0.0.1:9000"))
+    assert (await waiter).name == "Local/caller@t-1;1"
+    # Asked after the variable-only event: the same grace, then the channel known.
+    t2 = ChannelTracker()
+    t2.on_event(msg(Event="VarSet", Channel="PJSIP/100-01", Uniqueid="9", Variable="AS_UUID", Value=U))
+    assert (await t2.wait_for(U, 2)).name == "PJSIP/100-01"
+
+
 class FakeAmi:
     def __init__(self, events):
         self.events = events
