@@ -520,8 +520,9 @@ class CallSession:  # implements tools.base.CallControl (structurally)
     async def _use_preconnected(self, gateway: Gateway | None) -> None:
         """The settings are known: hand the preconnected connection to the call's ``gateway`` if it
         leads to the same endpoint (waiting for its handshake if still under way: it is the one the
-        call would open now), else close it, cleanly, having carried nothing. ``None``: the call
-        will not connect (refused). A handshake the call waited for that failed is the call's
+        call would open now), else close it, cleanly, having carried nothing, beside the call's own
+        connect (which does not wait for that closing handshake). ``None``: the call will not
+        connect (refused). A handshake the call waited for that failed is the call's
         connect failing, at the same moment an ordinary connect would have (GatewayError); one that
         failed earlier, while the settings were resolved, is only logged: connect() tries afresh."""
         spec, task = self._spec, self._spec_task
@@ -539,9 +540,16 @@ class CallSession:  # implements tools.base.CallControl (structurally)
                     self.log.debug("preconnected gateway connection no longer usable: connecting afresh")
             elif gateway is not None:
                 self.log.debug("the call's gateway is not the one preconnected: closing that connection")
-        finally:
             await cancel_and_wait(task)  # _open_early catches its own failures
+        except BaseException:  # the call is failing or being torn down: close it before going on
+            await cancel_and_wait(task)
             await self._guard_async("closing the preconnected gateway connection", spec.close, timeout=3)
+            raise
+        # Closed beside the call's own connect, not before it: a closing handshake is a round trip,
+        # and up to CLOSE_TIMEOUT_S with a service slow to answer it. A call that ends meanwhile
+        # cancels it with its other tasks, which drops the socket (ws._close_quietly).
+        self.spawn(self._guard_async("closing the preconnected gateway connection", spec.close, timeout=3),
+                   "preconnect-close")
 
     def _start_recording(self) -> None:
         """Record the call if its profile says so. The clock has been ticking since the UUID

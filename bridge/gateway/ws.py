@@ -452,10 +452,16 @@ def load_json_object(text: str) -> dict[str, Any]:
 
 
 async def _close_quietly(ws: ClientConnection) -> None:
-    """Close a connection the session will not use (closing handshake within ``CLOSE_TIMEOUT_S``)."""
+    """Close a connection (the closing handshake within ``CLOSE_TIMEOUT_S``), failing never. A
+    close that is cancelled — the call's teardown was — drops the TCP connection there and then:
+    websockets leaves it open when its wait for the service's answer is cancelled, and a service
+    that never answers would then hold it until the peer or the kernel gave up."""
     try:
         await ws.close()
-    except Exception:  # noqa: BLE001 - closing a dead socket must not fail the set-up
+    except asyncio.CancelledError:
+        ws.transport.abort()
+        raise
+    except Exception:  # noqa: BLE001 - closing a dead socket must not fail the set-up or teardown
         pass
 
 
@@ -971,10 +977,7 @@ class WebSocketGateway(Gateway):
         if self._sender is not None:
             await cancel_and_wait(self._sender)
         if self._ws is not None:
-            try:
-                await self._ws.close()
-            except Exception:  # noqa: BLE001 - closing a dead socket must not fail teardown
-                pass
+            await _close_quietly(self._ws)
         self._uplink.clear()
         self._control.clear()
         self._early.clear()

@@ -27,6 +27,7 @@ from bridge.devtools.sim_openai import OpenAIRealtimeSim
 from bridge.gateway.base import SessionSetup
 from bridge.gateway.generic_ws import GenericWsGateway
 from bridge.gateway.openai_realtime import OpenAIRealtimeGateway
+from bridge.gateway.ws import CLOSE_TIMEOUT_S
 from tests.fakes import FakeAsterisk, reply
 from tests.integration.conftest import API_KEY
 
@@ -466,3 +467,91 @@ async def test_a_ready_that_came_while_the_settings_were_resolved_still_releases
             assert got[:2] == ["session.init", "text.input"]
         finally:
             await gw.close()
+
+
+
+class SilentService:
+    """A WebSocket service that completes the handshake and then answers nothing, a close frame
+    included (as a service that has hung would): records when a close frame came, and when the
+    bridge's end of the TCP connection went away."""
+
+    def __init__(self) -> None:
+        self.got_close, self.eof = asyncio.Event(), asyncio.Event()
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentService:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from websockets.utils import accept_key
+
+        self.connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n")
+        while True:
+            try:
+                data = await reader.read(4096)
+            except ConnectionError:
+                data = b""
+            if not data:
+                self.eof.set()
+                writer.close()
+                return
+            if data[0] == 0x88:  # FIN + close: the client's closing handshake began
+                self.got_close.set()
+
+
+async def test_a_cancelled_close_drops_the_socket_at_once():
+    """A close cancelled during its closing handshake (the call's teardown was cancelled, the
+    service never answers the close frame) drops the TCP connection there and then, rather than
+    leave it open until the service closes it (found in review)."""
+    async with SilentService() as service:
+        gw = GenericWsGateway(service.url, audio_format="pcm16", sample_rate=16000)
+        await gw.preconnect()
+        closing = asyncio.ensure_future(gw.close())
+        await asyncio.wait_for(service.got_close.wait(), WAIT)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        # Well before the closing handshake's own timeout (CLOSE_TIMEOUT_S) would have ended it.
+        await asyncio.wait_for(service.eof.wait(), CLOSE_TIMEOUT_S / 2)
+
+
+async def test_the_calls_connect_does_not_wait_for_the_unused_connection_to_close(ami_bridge, ami, dial):
+    """The early connection went to a service that never answers a close frame; the call's profile
+    is on another gateway. The call connects there at once, while the unused connection's closing
+    handshake runs out its own time beside it (found in review: it used to go first)."""
+    async with SilentService() as silent, GatewaySim(accepted_keys={"other-key"}) as other:
+        bridge = await ami_bridge(
+            gateway={"url": silent.url},
+            gateways={"other": {"protocol": "aillomvox", "url": other.url, "api_key": "other-key", "settle_ms": 0}},
+            profiles={"default": {"first_message": None},
+                      "sales": {"gateway": "other", "prompt": "Sales.", "first_message": None}})
+        ami.variables["AS_PROFILE"] = "sales"
+        events = bridge.events.subscribe()
+        caller = await dial(bridge)
+        async with asyncio.timeout(WAIT):
+            while not silent.connections:  # the default profile's gateway, opened speculatively
+                await asyncio.sleep(0.01)
+        ami.channel_arrives(caller.uuid)
+        e = await answered(events, str(caller.uuid))
+        assert e.data["profile"] == "sales" and e.data["preconnect_used"] == 0
+        assert e.data["connect_ms"] < CLOSE_TIMEOUT_S * 1000 / 2, e.data
+        await asyncio.wait_for(silent.got_close.wait(), WAIT)  # it was closed, properly begun
+        await asyncio.wait_for(silent.eof.wait(), CLOSE_TIMEOUT_S + 3)  # and is gone
+        await caller.aclose()
+        await no_call_tasks(str(caller.uuid))
