@@ -14,7 +14,9 @@ bounded in count and duration, and stops by itself. Per N it measures:
   next 20 ms slot, 0-20 ms by design, and any queue).
 * playout jitter: |inter-arrival gap - 20 ms| of every frame each caller receives.
 * late frames: 20 ms slots in which a caller received nothing (a frame later than one period);
-  lost frames: caller frames the gateway echoed that never came back (barge-in holds excluded).
+  lost frames: caller frames the gateway echoed that never came back — not those it held back
+  during a barge-in burst, nor those its ``playback_clear_buffer`` rightly cleared from the
+  playout queue (``barge_in_cleared_frames``, see :func:`_cleared_by_barge_in`).
 * barge-in flush: gateway sends ``playback_clear_buffer`` → the caller stops hearing the old audio.
 * tool round trip: gateway sends a ``tool_call`` of a no-op tool → receives the ``tool_result``.
 * the bridge's CPU (``/proc/<pid>/stat``) and RSS (``/proc/<pid>/status``) per call, and the
@@ -308,6 +310,12 @@ async def _serve_forever(factory: Any, port: int) -> int:
 
 async def _relay_main(args: argparse.Namespace) -> int:
     return await _serve_forever(lambda: _RelayUp(("127.0.0.1", args.upstream)), args.port)
+
+
+async def _floor_main(args: argparse.Namespace) -> int:
+    from .floor import floor_main
+
+    return await floor_main(args.port, args.gateway_port, args.api_key, args.stats)
 
 
 async def _echo_main(args: argparse.Namespace) -> int:
@@ -669,6 +677,38 @@ def _load_callers(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
+#: Most echoed frames one barge-in may have cleared from a call's playout queue (1 s of audio);
+#: a longer run of missing frames before a barge-in is counted lost.
+CLEARED_RUN_MAX = 50
+
+
+def _cleared_by_barge_in(d: dict[str, np.ndarray], first: dict[int, int], last: dict[int, int],
+                         got: set[tuple[int, int]]) -> tuple[int, int]:
+    """Echoed frames a barge-in rightly discarded: (how many, the longest run of one barge-in).
+
+    The gateway stops echoing (its burst's hold, ``skip_first`` on) and then sends
+    ``playback_clear_buffer``, which must empty the call's playout queue. Whatever echoed frames
+    were still queued then are gone by design: the frames right before the hold that never came
+    back, in one unbroken run ending at ``skip_first``. They are only there when the queue had a
+    standing backlog (a bare relay has no queue); any other missing frame is lost. Only frames of
+    the measured window count (``first``..``last`` of each call), as for the loss itself.
+    """
+    holds = list(zip(d["skip_cid"].tolist(), d["skip_first"].tolist(), d["skip_count"].tolist(), strict=True))
+    held = {(c, seq) for c, f, n in holds for seq in range(f, f + n)}  # counted as skipped already
+    cleared, longest = 0, 0
+    for c, f, _n in holds:
+        lo, hi = first.get(c, -1), last.get(c, -1)
+        if lo < 0 or not lo < f <= hi + 1:  # a hold before the window, or after it
+            continue
+        run, seq = 0, f - 1
+        while seq >= lo and (c, seq) not in got and (c, seq) not in held and run < CLEARED_RUN_MAX:
+            run, seq = run + 1, seq - 1
+        if run and (seq < lo or (c, seq) in got or (c, seq) in held):  # a whole run ending at the hold
+            cleared += run
+            longest = max(longest, run)
+    return cleared, longest
+
+
 def _analyse(d: dict[str, np.ndarray], phases: dict[int, float]) -> dict[str, Any]:
     """Per-frame numbers → the step's summary (times in ms)."""
     ms = 1000.0
@@ -710,10 +750,14 @@ def _analyse(d: dict[str, np.ndarray], phases: dict[int, float]) -> dict[str, An
         lo, hi = first.get(c, -1), last.get(c, -1)
         if lo >= 0:
             skipped += max(0, min(hi, f + n - 1) - max(lo, f) + 1)
-    got = len(set(zip(d["e_cid"].tolist(), d["e_seq"].tolist(), strict=True)))
+    got_set = set(zip(d["e_cid"].tolist(), d["e_seq"].tolist(), strict=True))
+    got = len(got_set)
+    cleared, cleared_run = _cleared_by_barge_in(d, first, last, got_set)
     res["frames_sent"] = expected
-    res["lost_frames"] = max(0, expected - skipped - got)
+    res["lost_frames"] = max(0, expected - skipped - cleared - got)
     res["barge_in_skipped_frames"] = skipped
+    res["barge_in_cleared_frames"] = cleared
+    res["barge_in_cleared_max_run"] = cleared_run
     fl = d["flush"] * ms
     res["barge_in_flush_ms"] = {"n": int(fl.size), "p50": _pct(fl, 50), "p99": _pct(fl, 99), "max": _max(fl)}
     tr = d["tool_rtt"] * ms
@@ -867,7 +911,10 @@ def _worker_figures(i: int, pid: int, st: dict[str, Any] | None, measured: dict[
     return fig
 
 
-async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: int) -> dict[str, Any]:
+async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: int, *,
+                       floor: bool = False) -> dict[str, Any]:
+    """One step of the bridge at ``n`` calls against the gateway simulator — or, with ``floor``,
+    of the floor (bridge/devtools/floor.py) in its place, one process, measured the same way."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXBRIDGE_")}
     if args.asyncio:
         env["VOXBRIDGE_NO_UVLOOP"] = "1"
@@ -879,7 +926,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
         log=tmp / "sim.log", ready=False, env=env,
     )
     await _wait_port(sim_port)
-    redis, redis_port = await _start_redis(procs, tmp, n) if args.cluster else (None, 0)
+    redis, redis_port = await _start_redis(procs, tmp, n) if args.cluster and not floor else (None, 0)
     cfg: dict[str, Any] = {
         "log_level": "WARNING",
         "audiosocket": {"listen": f"127.0.0.1:{as_port}", "max_calls": 100_000, "reuse_port": args.workers > 1},
@@ -891,8 +938,15 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
                                  "max_duration": 3600, "tools": ["bench_noop"]}},
     }
     workers = []
-    stats_paths = [tmp / f"bridge-{i}.json" for i in range(args.workers)]
-    for i in range(args.workers):
+    nworkers = 1 if floor else args.workers
+    stats_paths = [tmp / f"{'floor' if floor else 'bridge'}-{i}.json" for i in range(nworkers)]
+    if floor:
+        workers.append(await procs.start(
+            sys.executable, "-m", "bridge.devtools.bench", "_floor", "--port", str(as_port),
+            "--gateway-port", str(sim_port), "--api-key", "bench", "--stats", str(stats_paths[0]),
+            log=tmp / "floor.log", env=env,
+        ))
+    for i in range(0 if floor else nworkers):
         if redis is not None:
             # One cluster on Redis, as production runs it: each worker a node of its own name.
             cfg["cluster"] = {"redis_url": f"redis://127.0.0.1:{redis_port}/0", "node_id": f"w{i}"}
@@ -914,8 +968,9 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
             os.kill(w.pid, signal.SIGUSR1)
 
     try:
-        m = await _Step(args, procs, tmp, n, "bridge").drive(as_port, wpids, [sim.pid], args.duration, dump,
-                                                             watched=(redis.pid,) if redis is not None else ())
+        m = await _Step(args, procs, tmp, n, "floor" if floor else "bridge").drive(
+            as_port, wpids, [sim.pid], args.baseline_duration if floor else args.duration, dump,
+            watched=(redis.pid,) if redis is not None else ())
         dumps = await _read_stats(stats_paths)
         phases: dict[int, float] = {}
         clock: list[dict[str, Any]] = []
@@ -960,7 +1015,7 @@ async def _bridge_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: in
             "cost_p99_ms": max((c["tick_cost_p99_ms"] or 0 for c in clock), default=None),
         },
     })
-    if args.workers > 1 or redis is not None:
+    if not floor and (args.workers > 1 or redis is not None):
         # Each worker on its own: the kernel's SO_REUSEPORT hash of each connection's addresses
         # and ports (not the workers' load) decides how calls spread over them, so an uneven
         # spread is a finding, not a failure.
@@ -1010,6 +1065,20 @@ async def _baseline_step(args: argparse.Namespace, procs: _Procs, tmp: Path, n: 
         "callers": media["callers"],
         "callers_cpu_pct": m["callers_cpu_pct"], "machine_busy_pct": m["machine_busy_pct"],
     }
+
+
+def _add_floor(step: dict[str, Any], fl: dict[str, Any]) -> None:
+    """``--floor``: the floor's figures from the same step (bridge/devtools/floor.py), and the
+    bridge's CPU per call as a ratio to it; the floor's own ratio to the relay when that ran."""
+    keep = ("bridge_cpu_pct", "cpu_pct_per_call", "rss_per_call_mb", "machine_busy_pct", "window_s",
+            "frames_received", "lost_frames", "barge_in_cleared_frames", "late_frames", "jitter_ms", "uplink_ms",
+            "downlink_added_ms", "bridge_tick", "callers")
+    floor = {("cpu_pct" if k == "bridge_cpu_pct" else k): fl.get(k) for k in keep}
+    per_call = floor["cpu_pct_per_call"]
+    base = (step.get("baseline") or {}).get("cpu_pct_per_call")
+    floor["cpu_ratio_to_baseline"] = round(per_call / base, 2) if base else None
+    step["floor"] = floor
+    step["cpu_ratio_to_floor"] = round(step["cpu_pct_per_call"] / per_call, 2) if per_call else None
 
 
 def _judge(step: dict[str, Any]) -> None:
@@ -1161,7 +1230,8 @@ def _row(s: dict[str, Any]) -> str:
     up, da, j = s.get("uplink_ms", {}), s["downlink_added_ms"], s["jitter_ms"]
     b = s.get("baseline") or {}
     return (f"{s['calls']:>5}  up {f(up.get('p50'))}/{f(up.get('p99'))}  down+ {f(da['p50'])}/{f(da['p99'])}  "
-            f"jit {f(j['p50'])}/{f(j['p99'])}/{f(j['max'])}  late {s['late_frames']} lost {s['lost_frames']}  "
+            f"jit {f(j['p50'])}/{f(j['p99'])}/{f(j['max'])}  late {s['late_frames']} lost {s['lost_frames']}"
+            + (f" (cleared by barge-in {c})" if (c := s.get("barge_in_cleared_frames")) else "") + "  "
             f"flush p99 {f(s['barge_in_flush_ms']['p99'], '.1f')}  tool p99 {f(s['tool_rtt_ms']['p99'], '.1f')}  "
             f"cpu {f(s['bridge_cpu_pct'], '.1f')}% ({f(s['cpu_pct_per_call'], '.3f')}/call, "
             f"×{f(s.get('cpu_ratio_to_baseline'), '.2f')} relay {f(b.get('relay_cpu_pct'), '.1f')}%)  "
@@ -1177,6 +1247,11 @@ def _row(s: dict[str, Any]) -> str:
                f"late/1000 {f(r['levels']['added_late_per_1000'], '.3f')}  "
                f"relative {'HELD' if r['held'] else 'BROKE: ' + ','.join(r['broken'])}"
                if (r := s.get("relative")) else "")
+            + (f"\n       floor (the least this design costs in Python): cpu {f(fl['cpu_pct_per_call'], '.3f')}/call "
+               f"(×{f(fl['cpu_ratio_to_baseline'], '.2f')} relay)  jit p99 {f(fl['jitter_ms']['p99'])}  "
+               f"late {fl['late_frames']} lost {fl['lost_frames']}  machine {f(fl['machine_busy_pct'], '.0f')}%"
+               f"  → the bridge ×{f(s.get('cpu_ratio_to_floor'), '.2f')} the floor"
+               if (fl := s.get("floor")) else "")
             + _worker_rows(s))
 
 
@@ -1217,7 +1292,7 @@ async def run_bench(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "params": {"calls": steps_n, "duration_s": args.duration, "baseline_duration_s": args.baseline_duration,
                    "warmup_s": args.warmup, "ramp_rate": args.ramp_rate, "workers": args.workers,
-                   "cluster": bool(args.cluster),
+                   "cluster": bool(args.cluster), "floor": bool(args.floor),
                    "caller_procs": args.caller_procs or "auto (1 per 500 calls)", "barge_every_s": args.barge_every,
                    "tool_every_s": args.tool_every, "codec": f"slin {RATE} Hz both sides (no resampling)",
                    "event_loop": "asyncio" if args.asyncio else result_loop()},
@@ -1236,6 +1311,8 @@ async def run_bench(args: argparse.Namespace) -> int:
                 if "cluster_cpu_pct_per_call" in step:
                     step["cluster_cpu_ratio_to_baseline"] = (
                         round(step["cluster_cpu_pct_per_call"] / base, 2) if base > 0 else None)
+            if args.floor:
+                _add_floor(step, await _bridge_step(args, procs, tmp, n, floor=True))
             _judge(step)
             result["steps"].append(step)
             print(_row(step), flush=True)
@@ -1307,6 +1384,8 @@ _SWITCHES: tuple[tuple[str, str], ...] = (
     ("--keep-going", "run every step even after one broke"),
     ("--asyncio", "run bridge and relay on asyncio instead of uvloop"),
     ("--keep-tmp", "keep raw per-frame data and process logs"),
+    ("--floor", ("also run the floor in each step, a minimal Python bridge of the same design "
+                 "(bridge/devtools/floor.py), and report the bridge's CPU against it too")),
     ("--cluster", ("run the --workers as one cluster on a Redis server the bench starts on loopback "
                    "(redis-server from Debian's package; the 'cluster' extra), as production would")),
 )
@@ -1350,11 +1429,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--upstream", type=int, required=True)
     e = sub.add_parser("_echo")
     e.add_argument("--port", type=int, required=True)
+    fl = sub.add_parser("_floor")
+    for name in ("--port", "--gateway-port"):
+        fl.add_argument(name, type=int, required=True)
+    fl.add_argument("--api-key", required=True)
+    fl.add_argument("--stats", required=True)
     args = p.parse_args(argv)
     from ..cli import _run
 
     role = {"run": run_bench, "_bridge": _bridge_main, "_callers": _callers_main,
-            "_relay": _relay_main, "_echo": _echo_main}[args.role]
+            "_relay": _relay_main, "_echo": _echo_main, "_floor": _floor_main}[args.role]
     return _run(role(args))
 
 

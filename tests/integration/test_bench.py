@@ -13,14 +13,19 @@ import pytest
 from bridge.devtools import bench
 
 
-@pytest.mark.timeout(120)
-async def test_bench_smoke_writes_json_with_sane_numbers(tmp_path):
+async def _small_run(tmp_path, *options: str) -> dict:
+    """4 calls, a barge-in and a tool call a second per call, the relay for 2 s: bench.json."""
     parser = __import__("argparse").ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--calls", "4", "--duration", "3", "--warmup", "1", "--baseline-duration", "2",
-                              "--barge-every", "1", "--tool-every", "1", "--keep-going", "--out", str(tmp_path)])
+    args = parser.parse_args(["--calls", "4", "--warmup", "1", "--baseline-duration", "2", "--barge-every", "1",
+                              "--tool-every", "1", "--out", str(tmp_path), *options])
     await bench.run_bench(args)
-    result = json.loads((tmp_path / "bench.json").read_text())
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+@pytest.mark.timeout(120)
+async def test_bench_smoke_writes_json_with_sane_numbers(tmp_path):
+    result = await _small_run(tmp_path, "--duration", "3", "--keep-going")
     assert result["machine"]["cores"] >= 1 and result["params"]["calls"] == [4]
     (step,) = result["steps"]
     assert step["calls"] == 4
@@ -91,3 +96,63 @@ def test_the_bench_processes_run_this_checkout_not_an_installed_copy():
     out = subprocess.run([sys.executable, "-c", "import bridge; print(bridge.__file__)"], cwd=bench._SOURCE_ROOT,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert Path(out).resolve() == Path(bench.__file__).resolve().parents[1] / "__init__.py"
+
+
+@pytest.mark.timeout(120)
+async def test_floor_carries_every_frame_and_is_reported_beside_the_relay(tmp_path, capsys):
+    """``--floor``: the minimal bridge (bridge/devtools/floor.py) runs against the same gateway
+    simulator and callers in the same step, carries their audio both ways through the product's
+    clock without losing a frame, and the bridge's CPU is reported against it and the relay."""
+    result = await _small_run(tmp_path, "--duration", "2", "--floor")
+    assert result["params"]["floor"] is True
+    (step,) = result["steps"]
+    floor = step["floor"]
+    assert floor["callers"]["connected"] == 4 and floor["callers"]["ended_early"] == 0
+    # Both ways through the floor: every echoed frame came back, 50 a second per call, on the clock.
+    assert floor["frames_received"] > 4 * 50 * 1.5 and floor["lost_frames"] == 0
+    assert floor["uplink_ms"]["p50"] is not None and floor["downlink_added_ms"]["p50"] is not None
+    assert floor["bridge_tick"]["lateness_p99_ms"] is not None  # the product's clock, reported as the bridge's
+    assert floor["cpu_pct"] > 0
+    assert floor["cpu_ratio_to_baseline"] == pytest.approx(
+        floor["cpu_pct_per_call"] / step["baseline"]["cpu_pct_per_call"], rel=0.02)
+    assert step["cpu_ratio_to_floor"] == pytest.approx(step["cpu_pct_per_call"] / floor["cpu_pct_per_call"], rel=0.02)
+    assert "the bridge ×" in capsys.readouterr().out
+
+
+def test_frames_a_barge_in_cleared_from_the_queue_are_not_lost_but_others_are():
+    """Echoed frames still queued when the gateway's ``playback_clear_buffer`` came were discarded
+    by design (one unbroken run of missing frames ending where the gateway's hold began); a
+    missing frame anywhere else, or a run longer than CLEARED_RUN_MAX, is lost."""
+    import numpy as np
+
+    def data(got_seqs: dict[int, list[int]], holds: list[tuple[int, int, int]]) -> dict:
+        cids = [c for c, seqs in got_seqs.items() for _ in seqs]
+        seqs = [s for ss in got_seqs.values() for s in ss]
+        z = np.zeros(len(seqs))
+        return {
+            "arr_cid": np.array(cids, dtype=np.int64), "arr_t": np.arange(len(seqs)) * 0.02,
+            "e_cid": np.array(cids, dtype=np.int64), "e_seq": np.array(seqs, dtype=np.int64),
+            "e_tsend": z, "e_tgwr": z, "e_tgws": z, "e_trecv": z,
+            "call_cid": np.array(list(got_seqs), dtype=np.int64),
+            "call_seq_first": np.zeros(len(got_seqs), dtype=np.int64),
+            "call_seq_last": np.full(len(got_seqs), 199, dtype=np.int64),
+            "skip_cid": np.array([h[0] for h in holds], dtype=np.int64),
+            "skip_first": np.array([h[1] for h in holds], dtype=np.int64),
+            "skip_count": np.array([h[2] for h in holds], dtype=np.int64),
+            "flush": np.zeros(0), "tool_rtt": np.zeros(0), "tick_late": np.zeros(0),
+            "counters": np.array([len(got_seqs), 0, 0, 0]),
+        }
+
+    every = list(range(200))
+    # Call 1: a hold at 100 (5 frames), the 4 frames before it cleared from a standing backlog.
+    # Call 2: a hold at 50 with nothing cleared, and frame 150 missing on its own: lost.
+    # Call 3: a hold at 120 after 60 missing frames: more than one barge-in can clear: lost.
+    # Call 4: every frame of the window back; a hold after the window (its frames unrecorded).
+    got = {1: [s for s in every if not 96 <= s < 105],
+           2: [s for s in every if not 50 <= s < 55 and s != 150],
+           3: [s for s in every if not 60 <= s < 125],
+           4: every}
+    res = bench._analyse(data(got, [(1, 100, 5), (2, 50, 5), (3, 120, 5), (4, 205, 5)]), {})
+    assert res["barge_in_skipped_frames"] == 15
+    assert res["barge_in_cleared_frames"] == 4 and res["barge_in_cleared_max_run"] == 4
+    assert res["lost_frames"] == 1 + 60
