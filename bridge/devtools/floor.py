@@ -32,7 +32,11 @@ from typing import Any
 
 from websockets.utils import accept_key
 
-from ..gateway.ws import apply_mask  # websockets' C speedup when built, as the bridge uses it
+try:  # websockets' C speedup when built, as the bridge uses it (bridge/gateway/ws.py)
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 from ..playout import PlayoutClock
 
 _HEADER16 = struct.Struct("!BBH")

@@ -157,6 +157,9 @@ Bench echo mode (opt-in, default off; ``GatewaySim(bench_echo=True)`` / ``--benc
         16 u32 first skipped seq | 20 u32 skipped count | 24 f64 caller send time
         32 f64 sim receive time | 40 f64 sim send time | 48 f64 clear sent at | 56 f64 tool RTT
 
+    (the receive time is when the read that brought the frame reached the sim's process, before
+    its WebSocket parser and coroutine: ``sim_common.ArrivalStamped``)
+
     (times are ``time.monotonic()``, the same clock in every process of one machine). Every
     ``bench_barge_every_s`` (first at a random offset) a session stops echoing, sends 200 ms of
     kind-2 frames as one burst, sends ``playback_clear_buffer`` 100 ms later and resumes: the next
@@ -817,7 +820,8 @@ class SimSession(ScriptedWsSession):
             pass
 
     def _bench_echo(self, data: bytes) -> None:
-        now = time.monotonic()
+        # The receive time: when the read that brought it reached this process (ArrivalStamped).
+        now = getattr(self._ws, "rx_at", 0.0) or time.monotonic()
         self.audio_bytes_total += len(data)
         marked = len(data) >= _BENCH_MARK.size and data.startswith(_BENCH_MAGIC)
         if self._bench_hold:

@@ -38,6 +38,20 @@ MAX_CLOSE_REASON_BYTES = 123
 MAX_MESSAGE_TYPES = 64  # distinct client message types kept for wait_message (bounded memory)
 
 
+class ArrivalStamped(ServerConnection):
+    """A server connection that notes when its latest bytes reached this process (``rx_at``,
+    ``time.monotonic()``), before websockets' parser and the hop to the session's coroutine: the
+    receive time a simulator stamps (bench echo mode), so what it measures of the client is not
+    its own event loop's backlog. A message handed over after a later read carries that read's
+    time — later than its own arrival, never earlier."""
+
+    rx_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.rx_at = time.monotonic()
+        super().data_received(data)
+
+
 class SessionClosed(Exception):
     """The session's WebSocket is closed (or closing); nothing more can be sent or awaited."""
 
@@ -498,7 +512,7 @@ class WsSimServer(SimServerBase[W]):
         if self._server is not None:
             raise RuntimeError(f"{type(self).__name__} already started")
         self._server = await serve(self._handler, host, port, process_request=self._process_request,
-                                   compression=None, max_size=self._max_size)
+                                   compression=None, max_size=self._max_size, create_connection=ArrivalStamped)
         sock = next(iter(self._server.sockets))
         self.host, self.port = host, sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
