@@ -5,10 +5,10 @@ on the other (WebSocket, a JSON config then binary audio both ways), the product
 clock (:class:`bridge.playout.PlayoutClock`: one frame per call per 20 ms tick, four phase
 groups) — and nothing else. No sessions, no events, no history, no barge-in detection, no
 back-pressure, no resampling, no checks beyond what keeps the bytes in order: each caller frame
-becomes one masked WebSocket frame, each binary message from the gateway is cut into frames
-and queued, each tick writes one. ``playback_clear_buffer`` empties the queue and a
-``tool_call`` is answered at once, so the bench's gateway simulator runs as it does against
-the bridge.
+becomes one masked WebSocket frame, each binary message from the gateway is cut into whole
+frames (a partial tail is dropped) and queued, each tick writes one. ``playback_clear_buffer``
+empties the queue and a ``tool_call`` is answered at once, so the bench's gateway simulator
+runs as it does against the bridge.
 
 What it is for: the bench runs it in the same step as the bridge and the bare relay, so the
 bridge's CPU per call can be read against both — the relay (no protocol work at all) and this
