@@ -1369,7 +1369,7 @@ def result_loop() -> str:
 #: The numeric options of ``voxbridge bench``: (flag, type, default, metavar, help).
 _NUMERIC_OPTIONS: tuple[tuple[str, type, float, str, str], ...] = (
     ("--duration", float, 15.0, "S", "measured seconds per step (default 15)"),
-    ("--baseline-duration", float, 8.0, "S", "measured seconds of the bare relay per step (default 8)"),
+    ("--baseline-duration", float, 8.0, "S", "measured seconds of the bare relay (and --floor) per step (default 8)"),
     ("--warmup", float, 3.0, "S", "seconds after the last call connected before measuring (default 3)"),
     ("--ramp-rate", float, 250.0, "CALLS/S", "new calls per second while ramping up a step (default 250)"),
     ("--workers", int, 1, "W", "bridge processes sharing the AudioSocket port with SO_REUSEPORT (default 1)"),
