@@ -162,12 +162,18 @@ async def test_the_handshake_runs_before_the_late_channel_and_the_first_words_ar
     await caller.aclose()
 
 
+def sales_on(other: Any) -> dict[str, Any]:
+    """Bridge config: the profile "sales" on the gateway entry "other" (``other``, a GatewaySim
+    accepting "other-key"); the default profile on the default gateway."""
+    return {"gateways": {"other": {"protocol": "aillomvox", "url": other.url, "api_key": "other-key",
+                                   "settle_ms": 0}},
+            "profiles": {"default": {"first_message": None},
+                         "sales": {"gateway": "other", "prompt": "Sales.", "first_message": None}}}
+
+
 async def test_a_profile_on_another_gateway_closes_the_early_connection_unused(ami_bridge, ami, sim, dial):
     async with GatewaySim(accepted_keys={"other-key"}) as other:
-        bridge = await ami_bridge(
-            gateways={"other": {"protocol": "aillomvox", "url": other.url, "api_key": "other-key", "settle_ms": 0}},
-            profiles={"default": {"first_message": None},
-                      "sales": {"gateway": "other", "prompt": "Sales.", "first_message": None}})
+        bridge = await ami_bridge(**sales_on(other))
         ami.variables["AS_PROFILE"] = "sales"
         events = bridge.events.subscribe()
         caller = await dial(bridge)
@@ -536,11 +542,7 @@ async def test_the_calls_connect_does_not_wait_for_the_unused_connection_to_clos
     is on another gateway. The call connects there at once, while the unused connection's closing
     handshake runs out its own time beside it (found in review: it used to go first)."""
     async with SilentService() as silent, GatewaySim(accepted_keys={"other-key"}) as other:
-        bridge = await ami_bridge(
-            gateway={"url": silent.url},
-            gateways={"other": {"protocol": "aillomvox", "url": other.url, "api_key": "other-key", "settle_ms": 0}},
-            profiles={"default": {"first_message": None},
-                      "sales": {"gateway": "other", "prompt": "Sales.", "first_message": None}})
+        bridge = await ami_bridge(gateway={"url": silent.url}, **sales_on(other))
         ami.variables["AS_PROFILE"] = "sales"
         events = bridge.events.subscribe()
         caller = await dial(bridge)
