@@ -37,6 +37,7 @@ try:  # websockets' C speedup when built, as the bridge uses it (bridge/gateway/
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
+from ..gateway.ws import MASK_POOL_BYTES
 from ..playout import PlayoutClock
 
 _HEADER16 = struct.Struct("!BBH")
@@ -54,6 +55,7 @@ class FloorUplink(asyncio.Protocol):
         self.open = False
         self.buf = b""
         self.key = base64.b64encode(os.urandom(16))
+        self.masks, self.mask_at = b"", 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -61,8 +63,9 @@ class FloorUplink(asyncio.Protocol):
                         b"Sec-WebSocket-Key: " + self.key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
     def send(self, payload: bytes, opcode: int = _BINARY) -> None:
-        # The framing of UplinkConnection.write_message, inline as it is there on purpose: the
-        # floor must not pay a call the product does not.
+        # The framing of UplinkConnection.write_message, inline as it is there on purpose, mask
+        # keys from a pool of OS randomness as there: the floor must not pay a call or a system
+        # call per frame that the product does not.
         n = len(payload)
         first = 0x80 | opcode
         if n < 126:
@@ -71,7 +74,12 @@ class FloorUplink(asyncio.Protocol):
             header = _HEADER16.pack(first, 0x80 | 126, n)
         else:
             header = _HEADER64.pack(first, 0x80 | 127, n)
-        mask = os.urandom(4)
+        masks, at = self.masks, self.mask_at
+        if at >= len(masks):
+            masks, at = os.urandom(MASK_POOL_BYTES), 0
+            self.masks = masks
+        self.mask_at = at + 4
+        mask = masks[at:at + 4]
         self.transport.write(header + mask + apply_mask(payload, mask))
 
     def data_received(self, data: bytes) -> None:
