@@ -929,16 +929,19 @@ def create_app(bridge: Bridge) -> FastAPI:
             raise HTTPException(422, str(exc)) from None
         return {**public(hook), "secret": hook["secret"]}
 
+    async def hooks_current() -> None:
+        """In a cluster, another node may have changed the subscriptions: reload them if so."""
+        if (cluster := getattr(bridge, "cluster", None)) is not None:
+            await cluster.hooks_current()
+
     @app.get("/v1/webhooks")
     async def list_webhooks() -> dict[str, Any]:
-        if (cluster := getattr(bridge, "cluster", None)) is not None:  # another node may have changed them
-            await cluster.hooks_current()
+        await hooks_current()
         return {"webhooks": [public(h) for h in await bridge.webhooks.list()]}
 
     @app.get("/v1/webhooks/{hook_id}")
     async def get_webhook(hook_id: HookId) -> dict[str, Any]:
-        if (cluster := getattr(bridge, "cluster", None)) is not None:
-            await cluster.hooks_current()
+        await hooks_current()
         hook = await bridge.webhooks.get(hook_id)
         if hook is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook {hook_id}")

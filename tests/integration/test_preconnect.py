@@ -482,8 +482,7 @@ class SilentService:
     bridge's end of the TCP connection went away."""
 
     def __init__(self) -> None:
-        self.got_close, self.eof = asyncio.Event(), asyncio.Event()
-        self.connections = 0
+        self.connected, self.got_close, self.eof = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> SilentService:
@@ -502,7 +501,7 @@ class SilentService:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from websockets.utils import accept_key
 
-        self.connections += 1
+        self.connected.set()
         head = await reader.readuntil(b"\r\n\r\n")
         key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key:"))
@@ -546,9 +545,7 @@ async def test_the_calls_connect_does_not_wait_for_the_unused_connection_to_clos
         ami.variables["AS_PROFILE"] = "sales"
         events = bridge.events.subscribe()
         caller = await dial(bridge)
-        async with asyncio.timeout(WAIT):
-            while not silent.connections:  # the default profile's gateway, opened speculatively
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(silent.connected.wait(), WAIT)  # the default profile's gateway, opened early
         ami.channel_arrives(caller.uuid)
         e = await answered(events, str(caller.uuid))
         assert e.data["profile"] == "sales" and e.data["preconnect_used"] == 0
